@@ -1,0 +1,23 @@
+"""Token-reduction methods, one file each, and their registry."""
+from vtprune.methods.base import REGISTRY, Method, Param, get_method, register, scaled_layer
+from vtprune.methods.divprune import DivPrune
+from vtprune.methods.fastervlm import FasterVLM
+from vtprune.methods.fastv import FastV
+from vtprune.methods.selection import GridPool, RandomKeep, UniformKeep
+from vtprune.methods.tome import ToMe
+
+__all__ = [
+    "REGISTRY",
+    "DivPrune",
+    "FastV",
+    "FasterVLM",
+    "GridPool",
+    "Method",
+    "Param",
+    "RandomKeep",
+    "ToMe",
+    "UniformKeep",
+    "get_method",
+    "register",
+    "scaled_layer",
+]

@@ -1,0 +1,121 @@
+"""ToMe: bipartite soft matching inside the ViT, size-weighted, with proportional attention."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vtprune.methods.base import POSITION_PARAM_DOC, Method, Param, register
+from vtprune.models.base import Adapter
+from vtprune.ops import bipartite_soft_matching, merge_sum, merge_weighted_mean
+from vtprune.runtime.operators import PreLLMContext, PreLLMOperator, Reduction, VisionOperator, VisionState
+
+
+def merge_schedule(tokens: int, blocks: int, removed: int) -> list[int]:
+    """Per-block merge counts that remove exactly ``removed`` of ``tokens`` ([CLS] included) over ``blocks``.
+
+    Spreads merges evenly with the larger counts first (ToMe's decreasing schedule), never above one bipartite
+    round's capacity; 192 of 576 on CLIP-L (23 blocks before the feature layer) gives 16 x 17 + 7 x 16.
+    """
+    schedule, remaining = [], removed
+    for block in range(blocks):
+        capacity = min(math.ceil(tokens / 2) - 1, tokens // 2)
+        r = min(capacity, math.ceil(remaining / (blocks - block)))
+        schedule.append(r)
+        tokens, remaining = tokens - r, remaining - r
+    if remaining > 0:
+        raise ValueError(f"cannot merge {removed} tokens in {blocks} ViT blocks")
+    return schedule
+
+
+class _MergeBlocks(VisionOperator):
+    def __init__(self, schedule: list[int], proportional_attention: bool) -> None:
+        self.schedule = schedule
+        self.blocks = tuple(i for i, r in enumerate(schedule) if r > 0)
+        self.proportional_attention = proportional_attention
+
+    def block_forward(self, adapter: Adapter, block: int, state: VisionState, hidden: torch.Tensor) -> torch.Tensor:
+        bias = None
+        if self.proportional_attention and (state.size != 1).any():
+            # log(size) on every key: a token that stands for s patches gets the attention of s copies.
+            bias = state.size.log().to(hidden.dtype)[:, None, None, :, 0]
+
+        def merge(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+            plan = bipartite_soft_matching(keys, self.schedule[block], protect_first=True)
+            x, state.size = merge_weighted_mean(plan, x, state.size)
+            state.source = merge_sum(plan, state.source)
+            return x
+
+        return adapter.vit_block_step(block, hidden, bias, merge)
+
+
+class _Order(PreLLMOperator):
+    """Hands merged tokens to the LLM in raster order of their size-weighted mean source patch (or ToMe's order)."""
+
+    def __init__(self, order: str) -> None:
+        self.order = order
+
+    def reduce(self, ctx: PreLLMContext) -> list[Reduction]:
+        reductions = []
+        patch = torch.arange(ctx.sources.shape[-1], dtype=torch.float32, device=ctx.sources.device)
+        for i in range(ctx.features.shape[0]):
+            sources = ctx.sources[i]
+            order = torch.arange(sources.shape[0], device=sources.device)
+            if self.order == "raster":
+                centre = (sources.float() @ patch) / sources.float().sum(-1)
+                order = torch.sort(centre, stable=True).indices
+            reductions.append(Reduction.select(ctx.features[i], sources, order))
+        return reductions
+
+
+@register
+class ToMe(Method):
+    """ToMe — Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023, arXiv 2210.09461.
+
+    Stage: ``vision`` (inside every ViT block up to the feature block, between the attention residual and the MLP)
+    plus a pre-LLM ordering step. Per block: bipartite soft matching on the block's head-mean keys (cosine); the
+    ``r`` most similar A->B edges are merged by size-weighted average, [CLS] protected; sizes and source maps are
+    carried across blocks; proportional attention adds log(size) to the keys' logits.
+
+    Budget: ``keep``/``ratio`` give the visual tokens per image entering the LLM exactly, with merges spread over
+    the blocks before the feature layer, larger first (``merge_schedule``: 64/128/192 on CLIP-L/336). ``r`` instead
+    gives ToMe's constant per-block count (default r=16 when no budget is given, as in LightCompress' LLaVA config).
+    Order into the LLM: ``order='raster'`` (default) sorts tokens by the size-weighted mean index of their source
+    patches so RoPE follows the image layout; ``'tome'`` keeps ToMe's [unmerged A, B] order. Positions: renumbered
+    (pre-LLM reduction), ``'original'`` uses the rounded mean source position.
+    """
+
+    name = "tome"
+    paper = "arXiv 2210.09461 (ICLR 2023)"
+    stages = ("vision", "pre_llm")
+    default_ratio = 0.0  # unused: without keep/ratio, ToMe's constant r applies
+    params = (
+        Param("r", None, "constant merges per block (ToMe's own budget); used when keep and ratio are None"),
+        Param("proportional_attention", True, "add log(token size) to attention logits", (True, False)),
+        Param("order", "raster", "token order into the LLM", ("raster", "tome")),
+        Param("positions", "renumber", POSITION_PARAM_DOC, ("original", "renumber")),
+    )
+
+    def operators(self, adapter: Adapter) -> list:
+        n = adapter.tokens_per_image
+        blocks = adapter.feature_block + 1
+        if self.keep is None and self.ratio is None:
+            r = 16 if self.r is None else self.r
+            tokens, schedule = n + 1, []
+            for _ in range(blocks):
+                schedule.append(min(r, math.ceil(tokens / 2) - 1, tokens // 2))
+                tokens -= schedule[-1]
+        else:
+            removed = n - self.budget(n)
+            try:
+                schedule = merge_schedule(n + 1, blocks, removed)
+            except ValueError:
+                most = sum(merge_schedule(n + 1, blocks, n))  # what greedy capacity allows
+                raise ValueError(
+                    f"tome: keep={n - removed} cannot be reached by merging in the {blocks} ViT blocks before the "
+                    f"feature layer; use keep >= {n - most}"
+                ) from None
+        operators: list = [_Order(self.order)]
+        if any(schedule):
+            operators.insert(0, _MergeBlocks(schedule, self.proportional_attention))
+        return operators

@@ -1,0 +1,27 @@
+"""Attention probabilities for a few query rows, recomputed from projected queries and keys.
+
+Methods need attention rows (a ViT [CLS] row, an LLM last-token row) while the model keeps SDPA/Flash attention,
+which return no weights. Recomputing only the rows needed costs O(q*n*d) instead of an eager n x n map.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def attention_probs(
+    query: torch.Tensor, key: torch.Tensor, scale: float, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention of ``query`` [B, H, q, d] over ``key`` [B, H_kv, n, d] -> [B, H, q, n] in float32.
+
+    Grouped-query attention: each key head serves ``H // H_kv`` consecutive query heads (HF's ``repeat_kv``).
+    ``key_mask`` [B, n] or [B, q, n] (True = visible) excludes padding / future keys.
+    """
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key heads")
+    key = key.repeat_interleave(heads // kv_heads, dim=1)
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
+    if key_mask is not None:
+        mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return logits.softmax(dim=-1)
