@@ -27,8 +27,8 @@ class _Select(PreLLMOperator):
 class RandomKeep(Method):
     """Random visual tokens, a sanity baseline.
 
-    Stage: pre-LLM. Keeps ``keep`` tokens per image uniformly at random (seeded, reproducible per pruner), in raster
-    order. Budget: tokens per image entering the LLM. Default ratio 0.25 (144 of 576).
+    Stage: pre-LLM. Keeps ``keep`` tokens per image uniformly at random, in raster order. The draw is seeded by
+    ``seed`` and the image's pixels, so an image gets the same tokens alone or in any batch. Budget: tokens per image entering the LLM. Default ratio 0.25 (144 of 576).
     """
 
     name = "random"
@@ -41,7 +41,7 @@ class RandomKeep(Method):
 
     def operators(self, adapter: Adapter) -> list:
         self.budget(adapter.tokens_per_image)
-        return [_Select(self, lambda ctx, i, k: random_indices(1, ctx.features.shape[1], k, ctx.generator)[0])]
+        return [_Select(self, lambda ctx, i, k: random_indices(1, ctx.features.shape[1], k, ctx.generator(i))[0])]
 
 
 @register

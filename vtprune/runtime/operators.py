@@ -10,6 +10,7 @@ the KV cache.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -68,7 +69,14 @@ class PreLLMContext:
     vision_features: torch.Tensor  # [n_img, T, D_vit] fed to the projector
     sources: torch.Tensor  # [n_img, T, N] from the vision stage (identity when nothing merged there)
     vision_hidden_states: tuple[torch.Tensor, ...]
-    generator: torch.Generator
+    pixel_values: torch.Tensor
+    seed: int = 0
+
+    def generator(self, image: int) -> torch.Generator:
+        """A generator seeded by ``seed`` and the image's pixels: random choices depend on the image alone, not on
+        its place in the batch or on how often the model was called."""
+        digest = hashlib.blake2b(self.pixel_values[image].detach().cpu().numpy().tobytes(), digest_size=7).digest()
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + int.from_bytes(digest, "little"))
 
     @cached_property
     def cls_attention(self) -> torch.Tensor:

@@ -119,7 +119,6 @@ class Pruner:
         self._prefill: _Prefill | None = None
         self._decode_valid: torch.Tensor | None = None
         self._cache: _Cache | None = None
-        self._generator = torch.Generator().manual_seed(getattr(method, "seed", 0) or 0)
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
     def install(self) -> Pruner:
@@ -265,7 +264,10 @@ class Pruner:
         else:
             sources = torch.eye(n_tokens, device=features.device).expand(features.shape[0], -1, -1)
         if self.pre_llm_op is not None:
-            ctx = PreLLMContext(self.adapter, features, vision.features, sources, vision.hidden_states, self._generator)
+            ctx = PreLLMContext(
+                self.adapter, features, vision.features, sources, vision.hidden_states, pixel_values,
+                seed=getattr(self.method, "seed", 0) or 0,
+            )
             reductions = self.pre_llm_op.reduce(ctx)
         else:
             reductions = [Reduction(features[i], sources[i]) for i in range(features.shape[0])]
