@@ -693,3 +693,5 @@ def test_merge_schedule_unreachable():
     with pytest.raises(ValueError):
         merge_schedule(37, 2, 28)  # beyond even the capacity-greedy maximum 18 + 9
     assert merge_schedule(37, 2, 24) == [12, 12]
+    assert merge_schedule(37, 2, 27) == [18, 9]  # reachable only by front-loading the first block
+    assert sum(merge_schedule(577, 23, 575)) == 575  # keep=1 is reachable on CLIP-L

@@ -116,7 +116,7 @@ def test_fastv_exact_kept_set_and_original_positions(model, monkeypatch):
         for handle in handles:
             handle.remove()
     expected = permutation.argsort(descending=True)[:6].sort().values
-    assert torch.equal(pruner.stats.final_tokens[0], expected)
+    assert torch.equal(pruner.stats.kept_patches(0).nonzero().flatten(), expected)
     full = torch.arange(ids.shape[1])
     assert torch.equal(seen[0][0], full) and torch.equal(seen[1][0], full)
     kept_positions = torch.cat([full[:start], start + expected, full[start + N_VISUAL:]])

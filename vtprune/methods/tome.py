@@ -11,27 +11,47 @@ from vtprune.ops import bipartite_soft_matching, merge_sum, merge_weighted_mean
 from vtprune.runtime.operators import PreLLMContext, PreLLMOperator, Reduction, VisionOperator, VisionState
 
 
+def _capacity(tokens: int) -> int:
+    """Most merges one bipartite round can make with [CLS] protected."""
+    return min(math.ceil(tokens / 2) - 1, tokens // 2)
+
+
+def max_mergeable(tokens: int, blocks: int) -> int:
+    """Most tokens ``blocks`` rounds can remove (every round at full capacity)."""
+    removed = 0
+    for _ in range(blocks):
+        r = _capacity(tokens)
+        removed, tokens = removed + r, tokens - r
+    return removed
+
+
 def merge_schedule(tokens: int, blocks: int, removed: int) -> list[int]:
     """Per-block merge counts that remove exactly ``removed`` of ``tokens`` ([CLS] included) over ``blocks``.
 
-    Spreads merges evenly with the larger counts first (ToMe's decreasing schedule), never above one bipartite
-    round's capacity; 192 of 576 on CLIP-L (23 blocks before the feature layer) gives 16 x 17 + 7 x 16.
+    Spreads merges evenly with the larger counts first (ToMe's decreasing schedule); a block takes more than its even
+    share only when later blocks could not finish otherwise. 192 of 576 on CLIP-L (23 blocks before the feature
+    layer) gives 16 x 17 + 7 x 16.
     """
+    if removed > max_mergeable(tokens, blocks):
+        raise ValueError(f"cannot merge {removed} tokens in {blocks} ViT blocks")
     schedule, remaining = [], removed
     for block in range(blocks):
-        capacity = min(math.ceil(tokens / 2) - 1, tokens // 2)
-        r = min(capacity, math.ceil(remaining / (blocks - block)))
+        even = math.ceil(remaining / (blocks - block))
+        # Smallest r after which the remaining blocks, at full capacity, can still finish.
+        needed = next(r for r in range(_capacity(tokens) + 1)
+                      if max_mergeable(tokens - r, blocks - block - 1) >= remaining - r)
+        r = min(_capacity(tokens), max(even, needed))
         schedule.append(r)
         tokens, remaining = tokens - r, remaining - r
-    if remaining > 0:
-        raise ValueError(f"cannot merge {removed} tokens in {blocks} ViT blocks")
     return schedule
 
 
 class _MergeBlocks(VisionOperator):
     def __init__(self, schedule: list[int], proportional_attention: bool) -> None:
         self.schedule = schedule
-        self.blocks = tuple(i for i, r in enumerate(schedule) if r > 0)
+        # From the first merge on, every block needs proportional attention, merging or not.
+        first = next(i for i, r in enumerate(schedule) if r > 0)
+        self.blocks = tuple(range(first, len(schedule)))
         self.proportional_attention = proportional_attention
 
     def block_forward(self, adapter: Adapter, block: int, state: VisionState, hidden: torch.Tensor) -> torch.Tensor:
@@ -41,6 +61,8 @@ class _MergeBlocks(VisionOperator):
             bias = state.size.log().to(hidden.dtype)[:, None, None, :, 0]
 
         def merge(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+            if self.schedule[block] == 0:
+                return x
             plan = bipartite_soft_matching(keys, self.schedule[block], protect_first=True)
             x, state.size = merge_weighted_mean(plan, x, state.size)
             state.source = merge_sum(plan, state.source)
@@ -103,18 +125,17 @@ class ToMe(Method):
             r = 16 if self.r is None else self.r
             tokens, schedule = n + 1, []
             for _ in range(blocks):
-                schedule.append(min(r, math.ceil(tokens / 2) - 1, tokens // 2))
+                schedule.append(min(r, _capacity(tokens)))
                 tokens -= schedule[-1]
         else:
             removed = n - self.budget(n)
-            try:
-                schedule = merge_schedule(n + 1, blocks, removed)
-            except ValueError:
-                most = sum(merge_schedule(n + 1, blocks, n))  # what greedy capacity allows
+            most = max_mergeable(n + 1, blocks)
+            if removed > most:
                 raise ValueError(
                     f"tome: keep={n - removed} cannot be reached by merging in the {blocks} ViT blocks before the "
                     f"feature layer; use keep >= {n - most}"
-                ) from None
+                )
+            schedule = merge_schedule(n + 1, blocks, removed)
         operators: list = [_Order(self.order)]
         if any(schedule):
             operators.insert(0, _MergeBlocks(schedule, self.proportional_attention))

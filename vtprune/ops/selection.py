@@ -11,7 +11,9 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     if not 0 <= k <= scores.shape[-1]:
         raise ValueError(f"k={k} must be between 0 and {scores.shape[-1]}")
-    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[..., :k]
+    # Half precision is upcast for a well-defined sort; wider dtypes keep their precision.
+    values = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
     return order.sort(dim=-1).values
 
 
