@@ -1,0 +1,67 @@
+"""`vtprune bench` end to end on a small random model in the reference geometry (576 visual tokens)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from vtprune.bench import reference, synthvqa
+from vtprune.bench.flops import prefill_flops
+from vtprune.bench.plots import plot_report
+from vtprune.bench.runner import format_table, run_bench, save_report
+
+RECORD_KEYS = {
+    "method", "budget", "params", "accuracy", "retention", "per_family", "grounded_recall",
+    "visual_tokens_per_layer", "llm_input_visual_tokens", "mean_visual_tokens", "prefill_tflops", "flops_ratio",
+    "latency_ms", "latency_ratio", "kv_cache_mb", "peak_memory_mb", "keep_frequency",
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    torch.manual_seed(0)
+    config = reference.build_config(vision_hidden=32, vision_layers=6, text_hidden=64, text_layers=4,
+                                    text_intermediate=128)
+    model = LlavaForConditionalGeneration(config).eval()
+    samples = synthvqa.load_split("test", 6)
+    return run_bench(model, reference.build_processor(), samples, ["fastv", "tome", "pool"], [64, 144],
+                     batch_size=3, speed_samples=1, speed_repeats=1, progress=False)
+
+
+def test_report_schema_and_token_accounting(report, tmp_path):
+    results = report["results"]
+    assert [(r["method"], r["budget"]) for r in results] == [
+        ("unpruned", None), ("fastv", 64), ("fastv", 144), ("tome", 64), ("tome", 144), ("pool", 64), ("pool", 144)]
+    for record in results:
+        assert RECORD_KEYS <= set(record), RECORD_KEYS - set(record)
+        assert set(record["per_family"]) <= set(synthvqa.FAMILIES)
+        assert np.array(record["keep_frequency"]).shape == (24, 24)
+    base, fastv64, tome64 = results[0], results[1], results[3]
+    assert base["visual_tokens_per_layer"] == [576.0] * 4 and base["grounded_recall"] == 1.0
+    assert fastv64["visual_tokens_per_layer"] == [576.0, 64.0, 64.0, 64.0]  # K = 1 on a 4-layer LLM
+    assert fastv64["mean_visual_tokens"] == (576 + 3 * 64) / 4
+    assert tome64["visual_tokens_per_layer"] == [64.0] * 4
+    assert tome64["grounded_recall"] == 1.0  # merged tokens cover every patch
+    assert 0 < fastv64["flops_ratio"] < 1 and tome64["flops_ratio"] < fastv64["flops_ratio"]
+    assert results[5]["kv_cache_mb"] < base["kv_cache_mb"]
+    path = save_report(report, tmp_path)
+    assert json.loads(path.read_text())["results"][1]["budget"] == 64
+    assert "fastv@64" in format_table(report)
+
+
+def test_flops_follow_the_documented_formula(report):
+    text = reference.build_config(text_hidden=64, text_layers=4, text_intermediate=128).text_config
+    kv = text.hidden_size // text.num_attention_heads * text.num_key_value_heads
+    n = 100
+    by_hand = 4 * 2 * (n * 64 * (2 * 64 + 2 * kv) + 2 * n * n * 64 + 3 * n * 64 * 128)
+    assert prefill_flops([n] * 4, 64, kv, 128) == by_hand
+
+
+def test_plots_are_written(report, tmp_path):
+    paths = plot_report(report, tmp_path)
+    assert {p.name for p in paths} == {"accuracy_vs_tokens.png", "accuracy_vs_flops.png", "keep_frequency.png"}
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000

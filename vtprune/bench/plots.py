@@ -1,0 +1,62 @@
+"""PNG plots of a bench report: accuracy vs kept tokens and vs FLOPs, and keep-frequency heatmaps."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _by_method(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in report["results"]:
+        if record["budget"] is not None:
+            groups.setdefault(record["method"], []).append(record)
+    return groups
+
+
+def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Writes accuracy_vs_tokens.png, accuracy_vs_flops.png and keep_frequency.png; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = report["results"][0]
+    groups = _by_method(report)
+    paths = []
+    for x_key, x_label, name in [
+        ("mean_visual_tokens", "visual tokens per LLM layer (layer average)", "accuracy_vs_tokens.png"),
+        ("flops_ratio", "prefill FLOPs (fraction of unpruned)", "accuracy_vs_flops.png"),
+    ]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method, records in groups.items():
+            records = sorted(records, key=lambda r: r[x_key])
+            ax.plot([r[x_key] for r in records], [100 * r["accuracy"] for r in records], marker="o", label=method)
+        ax.axhline(100 * base["accuracy"], color="black", linestyle="--", label="unpruned")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"SynthVQA test subset ({report['samples']} questions)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    methods = list(groups)
+    cols = min(4, max(1, len(methods)))
+    rows = max(1, -(-len(methods) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, method in zip(axes.flat, methods):
+        record = min(groups[method], key=lambda r: r["budget"])
+        ax.imshow(np.array(record["keep_frequency"]), vmin=0, vmax=1, cmap="viridis")
+        ax.set_title(f"{method} @ {record['budget']}", fontsize=9)
+    fig.suptitle("how often each patch is kept (smallest budget)")
+    fig.tight_layout()
+    paths.append(out_dir / "keep_frequency.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,731 @@
+"""MiniLLaVA: the small trained LLaVA-1.5-style reference model shipped with vtprune.
+
+Pruning methods need a real VLM to be measured on, but downloading a 7B LLaVA
+is not an option for tests or CI.  MiniLLaVA keeps every structural property
+those methods rely on -- a CLIP ViT with a [CLS] token whose penultimate layer
+feeds an MLP projector, 576 image tokens per 336x336 image, a multi-layer
+Llama decoder with grouped-query attention -- at a size that trains on two
+CPU cores in well under an hour and loads through the ordinary HuggingFace
+classes (``LlavaForConditionalGeneration`` / ``AutoProcessor``).
+
+It is trained the way LLaVA is, on SynthVQA (:mod:`vtprune.bench.synthvqa`):
+
+(a) the vision tower is pretrained alone with a global objective on the pooled
+    [CLS] output (multi-label prediction of the scene's attributes, through a
+    linear head that is thrown away), so that [CLS] attention is meaningful;
+(b) the tower is frozen, its penultimate-layer patch features are computed once,
+    and the projector + language model learn to answer SynthVQA train questions
+    with the loss on the answer token only.  The val split picks the checkpoint;
+    the test split is only ever evaluated.
+
+Prompt format (word-level tokens, one word per whitespace-separated item)::
+
+    "USER: <image>\\n<question> ASSISTANT:"
+
+and the answer is the single next token.  Evaluation rule: the prediction is the
+argmax of the next-token logits restricted to the family's closed answer set
+(``synthvqa.answer_choices``); the unrestricted argmax over the vocabulary is
+reported as ``free_accuracy``.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import synthvqa as sv
+
+REFERENCE_DIR: Path = Path(__file__).resolve().parents[1] / "reference" / "mini-llava"
+
+PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
+ROLE_TOKENS = ("USER:", "ASSISTANT:")
+NUM_IMAGE_TOKENS = sv.GRID * sv.GRID  # 576, [CLS] dropped by the "default" strategy
+#: Size of the fixed test subset whose accuracy is recorded for regression tests.
+REGRESSION_SUBSET = 48
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %} </s> {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+# ------------------------------------------------------------------ tokenizer / processor / config
+
+def vocabulary() -> list[str]:
+    """Every token id, in order; special tokens first so their ids never move when SynthVQA grows."""
+    words = list(SPECIAL_TOKENS) + list(ROLE_TOKENS) + sv.question_vocabulary() + sv.answer_vocabulary()
+    return list(dict.fromkeys(words))
+
+
+def build_tokenizer():
+    """Word-level tokenizer: SynthVQA is a closed vocabulary, so one id per word keeps answers single tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # split on whitespace only, so "USER:" and "top-left" stay single words
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left",
+        clean_up_tokenization_spaces=False, model_max_length=1024)
+    tok.padding_side = "left"
+    return tok
+
+
+def build_image_processor():
+    """The PIL CLIP processor: torchvision is not a dependency; SynthVQA images are already 336x336."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    size = sv.IMAGE_SIZE
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def build_processor(tokenizer=None):
+    """Processor that expands ``<image>`` into the 576 placeholders the model fills with patch features."""
+    from transformers import LlavaProcessor
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    return LlavaProcessor(
+        image_processor=build_image_processor(), tokenizer=tokenizer, patch_size=sv.PATCH_SIZE,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
+
+
+def build_config(
+    vocab_size: int | None = None,
+    *,
+    vision_hidden: int = 192,
+    vision_layers: int = 6,
+    vision_heads: int = 4,
+    vision_intermediate: int | None = None,
+    text_hidden: int = 256,
+    text_layers: int = 8,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    text_intermediate: int = 640,
+):
+    """LLaVA-1.5 geometry (patch 14, 336 px, penultimate layer, [CLS] dropped) at toy width."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vocab = vocabulary()
+    vocab_size = vocab_size if vocab_size is not None else len(vocab)
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=vision_intermediate or 4 * vision_hidden,
+        num_hidden_layers=vision_layers, num_attention_heads=vision_heads, image_size=sv.IMAGE_SIZE,
+        patch_size=sv.PATCH_SIZE, projection_dim=vision_hidden, hidden_act="quick_gelu")
+    text = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate,
+        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads,
+        max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        pad_token_id=vocab.index("<pad>"), bos_token_id=vocab.index("<s>"), eos_token_id=vocab.index("</s>"))
+    return LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=vocab.index(IMAGE_TOKEN),
+        image_seq_length=NUM_IMAGE_TOKENS, projector_hidden_act="gelu",
+        vision_feature_select_strategy="default", vision_feature_layer=-2,
+        pad_token_id=vocab.index("<pad>"), tie_word_embeddings=False)
+
+
+def format_prompt(question: str) -> str:
+    return PROMPT_TEMPLATE.format(question=question)
+
+
+# ------------------------------------------------------------------ evaluation
+
+def _default_forward(model) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**inputs, logits_to_keep=1).logits[:, -1]
+    return forward
+
+
+def _summarise(records: list[tuple[str, bool, bool]]) -> dict[str, Any]:
+    """records: (family, closed_correct, free_correct) -> overall and per-family accuracies."""
+    out: dict[str, Any] = {"n": len(records),
+                           "accuracy": float(np.mean([r[1] for r in records])) if records else float("nan"),
+                           "free_accuracy": float(np.mean([r[2] for r in records])) if records else float("nan"),
+                           "per_family": {}}
+    for fam in sv.FAMILIES:
+        rows = [r for r in records if r[0] == fam]
+        if rows:
+            out["per_family"][fam] = {"n": len(rows), "accuracy": float(np.mean([r[1] for r in rows])),
+                                      "free_accuracy": float(np.mean([r[2] for r in rows])),
+                                      "chance": sv.chance_rate(fam)}
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    processor,
+    samples: Sequence[sv.Sample],
+    *,
+    batch_size: int = 16,
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """Closed-choice accuracy: a pruned model is judged on the answers it could give, not on fluency.
+
+    Each batch goes through exactly one ``forward(inputs)`` call, where ``inputs`` holds
+    ``input_ids``, ``attention_mask`` (left padded) and ``pixel_values`` on the model's device;
+    it must return next-token logits ``[batch, vocab]``.  The default is
+    ``model(**inputs).logits[:, -1]``, so wrapping ``model`` (or passing ``forward``) is
+    all a pruning method needs to be evaluated.  The prediction is the argmax over the
+    family's closed choices; ``free_accuracy`` uses the argmax over the whole vocabulary.
+    """
+    forward = forward or _default_forward(model)
+    tok = processor.tokenizer
+    vocab_words = tok.convert_ids_to_tokens(list(range(len(tok))))
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    records: list[tuple[str, bool, bool]] = []
+    predictions: list[dict[str, Any]] = []
+    try:
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start:start + batch_size]
+            inputs = processor(images=[s.image for s in batch], text=[format_prompt(s.question) for s in batch],
+                               return_tensors="pt", padding=True, padding_side="left")
+            inputs = {k: v.to(param.device) for k, v in inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+            logits = forward(inputs).float().cpu()
+            for s, row in zip(batch, logits):
+                ids = tok.convert_tokens_to_ids(list(s.choices))
+                closed = s.choices[int(row[ids].argmax())]
+                free = vocab_words[int(row.argmax())]
+                records.append((s.family, closed == s.answer, free == s.answer))
+                if return_predictions:
+                    predictions.append({"question": s.question, "answer": s.answer, "family": s.family,
+                                        "prediction": closed, "free_prediction": free})
+    finally:
+        model.train(was_training)
+    out = _summarise(records)
+    if return_predictions:
+        out["predictions"] = predictions
+    return out
+
+
+# ------------------------------------------------------------------ stage (a): vision targets
+
+def _target_names() -> list[str]:
+    colours, shapes = list(sv.COLOURS), list(sv.SHAPES)
+    names = [f"colour:{c}" for c in colours] + [f"shape:{s}" for s in shapes]
+    names += [f"pair:{c}-{s}" for c in colours for s in shapes]
+    names += [f"label:{g}" for g in sv.LABELS]
+    names += [f"region:{r}" for r in sv.REGIONS]
+    names += [f"region-colour:{r}-{c}" for r in sv.REGIONS for c in colours]
+    names += [f"count-colour:{c}>={k}" for c in colours for k in (2, 3)]
+    names += [f"count-shape:{s}>={k}" for s in shapes for k in (2, 3)]
+    names += [f"count-total>={k}" for k in range(4, 9)]
+    names += [f"size:{z}" for z in sv.SIZES]
+    return names
+
+
+TARGET_NAMES: tuple[str, ...] = tuple(_target_names())
+
+
+def scene_targets(scene: sv.Scene) -> np.ndarray:
+    """Multi-label description of a whole scene: what the [CLS] token is trained to summarise.
+
+    It covers what SynthVQA asks about (colours, shapes, their pairs, glyphs, where
+    objects are, how many) so the encoder's features carry it, but only globally:
+    the tower never sees a question or a per-patch target.
+    """
+    on: set[str] = set()
+    objs = scene.objects
+    for o in objs:
+        region = sv.region_of(*o.centroid())
+        on |= {f"colour:{o.colour}", f"shape:{o.shape}", f"pair:{o.colour}-{o.shape}", f"region:{region}",
+               f"region-colour:{region}-{o.colour}", f"size:{o.size}"}
+        if o.label is not None:
+            on.add(f"label:{o.label}")
+    for c in sv.COLOURS:
+        n = sum(o.colour == c for o in objs)
+        on |= {f"count-colour:{c}>={k}" for k in (2, 3) if n >= k}
+    for s in sv.SHAPES:
+        n = sum(o.shape == s for o in objs)
+        on |= {f"count-shape:{s}>={k}" for k in (2, 3) if n >= k}
+    on |= {f"count-total>={k}" for k in range(4, 9) if len(objs) >= k}
+    return np.array([name in on for name in TARGET_NAMES], dtype=np.float32)
+
+
+# ------------------------------------------------------------------ training helpers
+
+def _tune_allocator() -> None:
+    """Keep freed memory in-process: on small VMs, returning and re-faulting big activation buffers
+    every step made CPU training several times slower and very erratic (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: large blocks from the heap, not mmap
+        libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD: never trim the heap top
+        libc.mallopt(-2, 1 << 28)  # M_TOP_PAD
+    except (OSError, AttributeError):
+        pass
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+class _Pool:
+    """Training scenes kept as uint8 pixels + precomputed question token ids (scene masks are dropped)."""
+
+    def __init__(self, seeds: Sequence[int], question_sets: int, tokenizer, with_questions: bool = True):
+        n = len(seeds)
+        self.seeds = list(seeds)
+        self.images = torch.empty((n, sv.IMAGE_SIZE, sv.IMAGE_SIZE, 3), dtype=torch.uint8)
+        self.targets = torch.empty((n, len(TARGET_NAMES)), dtype=torch.float32)
+        # questions[k][i] = list of (token ids of "<question> ASSISTANT:", answer id, family index)
+        self.questions: list[list[list[tuple[list[int], int, int]]]] = [[] for _ in range(question_sets)]
+        for i, seed in enumerate(self.seeds):
+            scene = sv.generate_scene(seed)
+            self.images[i] = torch.from_numpy(np.array(scene.image))
+            self.targets[i] = torch.from_numpy(scene_targets(scene))
+            if not with_questions:
+                continue
+            for k in range(question_sets):
+                # set 0 is exactly what load_split("train") asks of this scene; further sets add variety
+                rng = np.random.default_rng([seed, 7 + k])
+                self.questions[k].append([_encode_question(tokenizer, s.question, s.answer, s.family)
+                                          for s in sv.questions_for_scene(scene, rng)])
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+
+def _encode_question(tokenizer, question: str, answer: str, family: str) -> tuple[list[int], int, int]:
+    ids = tokenizer(f"{question} ASSISTANT:", add_special_tokens=False).input_ids
+    return ids, int(tokenizer.convert_tokens_to_ids(answer)), sv.FAMILIES.index(family)
+
+
+def _pixels(images: torch.Tensor, image_processor, device: str) -> torch.Tensor:
+    """Same numbers as the CLIP processor (images are already 336x336: rescale + normalise only)."""
+    x = images.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(image_processor.image_mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _autocast(device: str, enabled: bool):
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
+                          dtype=torch.bfloat16, enabled=enabled)
+
+
+def _pretrain_vision(model, pool: _Pool, val_pool: _Pool, image_processor, *, steps: int, batch: int,
+                     lr: float, weight_decay: float, seed: int, device: str, amp: bool,
+                     log: Callable[[str], None], log_every: int) -> dict[str, Any]:
+    tower = model.model.vision_tower
+    head = nn.Linear(tower.config.hidden_size, len(TARGET_NAMES)).to(device)
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(seed + 1)
+    order = torch.randperm(len(pool), generator=gen)
+    warmup = max(1, steps // 20)
+    tower.train()
+    cursor, history = 0, []
+    t0 = time.time()
+    for step in range(steps):
+        if cursor + batch > len(order):
+            order, cursor = torch.randperm(len(pool), generator=gen), 0
+        idx = order[cursor:cursor + batch]
+        cursor += batch
+        _set_lr(opt, _lr_at(step, steps, lr, warmup))
+        with _autocast(device, amp):
+            pooled = tower(pixel_values=_pixels(pool.images[idx], image_processor, device)).pooler_output
+            logits = head(pooled).float()
+        loss = F.binary_cross_entropy_with_logits(logits, pool.targets[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        history.append(float(loss.detach()))
+        if log_every and (step + 1) % log_every == 0:
+            log(f"[vit] step {step + 1}/{steps} loss {np.mean(history[-log_every:]):.4f} "
+                f"{(step + 1) * batch / (time.time() - t0):.1f} img/s")
+    tower.eval()
+    metrics = _vision_metrics(tower, head, val_pool, image_processor, device=device, amp=amp)
+    log(f"[vit] val: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")
+    return {"train_loss_last": float(np.mean(history[-max(1, log_every):])), "val": metrics}
+
+
+@torch.no_grad()
+def _vision_metrics(tower, head, pool: _Pool, image_processor, *, device: str, amp: bool) -> dict[str, float]:
+    """Per-group exact-bit accuracy of the [CLS] head on held-out scenes (how global the summary is)."""
+    preds = []
+    for start in range(0, len(pool), 32):
+        with _autocast(device, amp):
+            pooled = tower(pixel_values=_pixels(pool.images[start:start + 32], image_processor, device)).pooler_output
+            preds.append((head(pooled).float() > 0).cpu())
+    pred = torch.cat(preds).float()
+    correct = (pred == pool.targets).float()
+    groups: dict[str, list[int]] = {}
+    for j, name in enumerate(TARGET_NAMES):
+        groups.setdefault(name.split(":")[0], []).append(j)
+    out = {g: float(correct[:, js].mean()) for g, js in groups.items()}
+    out["bce_bits_all"] = float(correct.mean())
+    return out
+
+
+@torch.no_grad()
+def _extract_features(model, images: torch.Tensor, image_processor, *, device: str, batch: int,
+                      log: Callable[[str], None]) -> torch.Tensor:
+    """The exact tensor LLaVA feeds its projector: penultimate layer, [CLS] dropped, in float32."""
+    tower = model.model.vision_tower
+    tower.eval()
+    layer = model.config.vision_feature_layer
+    feats = torch.empty((len(images), NUM_IMAGE_TOKENS, tower.config.hidden_size), dtype=torch.float16)
+    t0 = time.time()
+    for start in range(0, len(images), batch):
+        out = tower(pixel_values=_pixels(images[start:start + batch], image_processor, device),
+                    output_hidden_states=True)
+        feats[start:start + batch] = out.hidden_states[layer][:, 1:].to("cpu", torch.float16)
+        if start // batch % 50 == 49:
+            log(f"[features] {start + batch}/{len(images)} {(start + batch) / (time.time() - t0):.1f} img/s")
+    return feats
+
+
+class _PrefixLM:
+    """Projector + decoder trained with one image prefix shared by all of that image's questions.
+
+    "<s> USER: <image>x576" does not depend on the question, so its keys/values are computed
+    once per image (with gradients) and every question of the image attends to them.  This is
+    exactly the causal computation of the full prompt (RoPE only sees relative positions, so
+    left padding in the batched full forward does not change it) at a fraction of the cost.
+    """
+
+    def __init__(self, model, tokenizer):
+        from transformers import DynamicCache
+
+        self._cache_cls = DynamicCache
+        self.model = model
+        self.lm = model.model.language_model
+        self.projector = model.model.multi_modal_projector
+        self.head = model.lm_head
+        self.head_ids = torch.tensor(tokenizer("USER:").input_ids)  # "<s> USER:"
+        self.prefix_len = len(self.head_ids) + NUM_IMAGE_TOKENS
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.projector.parameters()) + list(self.lm.parameters()) + list(self.head.parameters())
+
+    def logits(self, feats: torch.Tensor, rows: torch.Tensor, suffix: torch.Tensor,
+               last: torch.Tensor) -> torch.Tensor:
+        """feats [B,576,Dv]; rows [R] image of each question; suffix [R,L] right-padded ids;
+        last [R] index of each question's final token -> next-token logits [R,V]."""
+        device = feats.device
+        embed = self.lm.get_input_embeddings()
+        b = feats.shape[0]
+        head = embed(self.head_ids.to(device)).unsqueeze(0).expand(b, -1, -1)
+        img = self.projector(feats.to(embed.weight.dtype))
+        prefix = torch.cat([head.to(img.dtype), img], dim=1)
+        cache = self._cache_cls(config=self.lm.config)
+        self.lm(inputs_embeds=prefix, past_key_values=cache, use_cache=True)
+        cache.reorder_cache(rows.to(device))
+        length = suffix.shape[1]
+        pos = torch.arange(self.prefix_len, self.prefix_len + length, device=device)
+        hidden = self.lm(input_ids=suffix.to(device), past_key_values=cache, use_cache=True,
+                         position_ids=pos.unsqueeze(0).expand(len(rows), -1)).last_hidden_state
+        final = hidden[torch.arange(len(rows), device=device), last.to(device)]
+        return self.head(final)
+
+
+def _collate(questions: list[list[tuple[list[int], int, int]]], pad_id: int):
+    rows, ids, answers, families = [], [], [], []
+    for i, qs in enumerate(questions):
+        for q_ids, a, f in qs:
+            rows.append(i), ids.append(q_ids), answers.append(a), families.append(f)
+    length = max(len(x) for x in ids)
+    suffix = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    for r, x in enumerate(ids):
+        suffix[r, :len(x)] = torch.tensor(x)
+    last = torch.tensor([len(x) - 1 for x in ids])
+    return torch.tensor(rows), suffix, last, torch.tensor(answers), torch.tensor(families)
+
+
+def _choice_table(tokenizer) -> list[torch.Tensor]:
+    return [torch.tensor(tokenizer.convert_tokens_to_ids(list(sv.answer_choices(f)))) for f in sv.FAMILIES]
+
+
+@torch.no_grad()
+def _fast_eval(plm: _PrefixLM, feats: torch.Tensor, questions: list[list[tuple[list[int], int, int]]],
+               tokenizer, *, device: str, amp: bool, batch: int = 16) -> dict[str, Any]:
+    """Validation through the shared-prefix path on cached features (same rule as :func:`evaluate`)."""
+    choices = _choice_table(tokenizer)
+    records = []
+    plm.model.eval()
+    for start in range(0, len(questions), batch):
+        rows, suffix, last, answers, fams = _collate(questions[start:start + batch], tokenizer.pad_token_id)
+        if len(rows) == 0:
+            continue
+        with _autocast(device, amp):
+            logits = plm.logits(feats[start:start + batch].to(device), rows, suffix, last).float().cpu()
+        for row, a, f in zip(logits, answers.tolist(), fams.tolist()):
+            ids = choices[f]
+            closed = int(ids[int(row[ids].argmax())])
+            records.append((sv.FAMILIES[f], closed == a, int(row.argmax()) == a))
+    plm.model.train()
+    return _summarise(records)
+
+
+def _group_by_scene(samples: Sequence[sv.Sample], tokenizer):
+    """Unique images of a sample list and, per image, its questions (for the shared-prefix path)."""
+    order: dict[int, int] = {}
+    images, questions = [], []
+    for s in samples:
+        if s.scene_seed not in order:
+            order[s.scene_seed] = len(images)
+            images.append(torch.from_numpy(np.array(s.image)))
+            questions.append([])
+        questions[order[s.scene_seed]].append(_encode_question(tokenizer, s.question, s.answer, s.family))
+    return torch.stack(images), questions
+
+
+def _train_language(plm: _PrefixLM, feats: torch.Tensor, pool: _Pool, val_feats: torch.Tensor,
+                    val_questions, tokenizer, *, steps: int, batch: int, lr: float, weight_decay: float,
+                    seed: int, device: str, amp: bool, eval_every: int, log: Callable[[str], None],
+                    log_every: int) -> dict[str, Any]:
+    params = plm.parameters()
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(seed + 2)
+    order, cursor, epoch = torch.randperm(len(pool), generator=gen), 0, 0
+    warmup = max(1, steps // 20)
+    n_sets = len(pool.questions)
+    trained = [plm.projector, plm.lm, plm.head]
+    best: dict[str, Any] = {"accuracy": -1.0, "step": 0, "state": None}
+    history: list[tuple[float, float]] = []
+    evals = []
+    plm.model.train()
+    t0 = time.time()
+
+    def validate(step: int) -> None:
+        res = _fast_eval(plm, val_feats, val_questions, tokenizer, device=device, amp=amp)
+        fams = " ".join(f"{f[:5]} {v['accuracy']:.2f}" for f, v in res["per_family"].items())
+        log(f"[lm] step {step} val acc {res['accuracy']:.4f} ({fams})")
+        evals.append({"step": step, "accuracy": res["accuracy"],
+                      "per_family": {f: v["accuracy"] for f, v in res["per_family"].items()}})
+        if res["accuracy"] > best["accuracy"]:
+            best.update(accuracy=res["accuracy"], step=step,
+                        state=[{k: v.detach().clone() for k, v in m.state_dict().items()} for m in trained])
+
+    for step in range(steps):
+        if cursor + batch > len(order):
+            order, cursor, epoch = torch.randperm(len(pool), generator=gen), 0, epoch + 1
+        idx = order[cursor:cursor + batch]
+        cursor += batch
+        rows, suffix, last, answers, _ = _collate([pool.questions[epoch % n_sets][i] for i in idx.tolist()],
+                                                  tokenizer.pad_token_id)
+        _set_lr(opt, _lr_at(step, steps, lr, warmup))
+        with _autocast(device, amp):
+            logits = plm.logits(feats[idx].to(device), rows, suffix, last)
+        logits = logits.float()
+        answers = answers.to(device)
+        loss = F.cross_entropy(logits, answers)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        history.append((float(loss.detach()), float((logits.argmax(-1) == answers).float().mean())))
+        if log_every and (step + 1) % log_every == 0:
+            recent = np.array(history[-log_every:])
+            log(f"[lm] step {step + 1}/{steps} epoch {epoch} loss {recent[:, 0].mean():.4f} "
+                f"train-acc {recent[:, 1].mean():.3f} {(step + 1) * batch / (time.time() - t0):.1f} img/s")
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            validate(step + 1)
+    validate(steps)
+    for module, state in zip(trained, best["state"]):
+        module.load_state_dict(state)
+    plm.model.eval()
+    return {"best_step": best["step"], "best_val_accuracy": best["accuracy"], "val_curve": evals,
+            "epochs": epoch + cursor / len(order)}
+
+
+# ------------------------------------------------------------------ entry point
+
+def train_reference(
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    n_scenes: int = 16000,
+    question_sets: int = 3,
+    vit_steps: int = 400,
+    vit_batch: int = 32,
+    vit_lr: float = 1e-3,
+    lm_steps: int = 2000,
+    lm_batch: int = 16,
+    lm_lr: float = 1e-3,
+    weight_decay: float = 0.05,
+    eval_every: int = 250,
+    n_val: int = 600,
+    n_test: int = 1200,
+    vision_hidden: int = 192,
+    vision_layers: int = 6,
+    vision_heads: int = 4,
+    text_hidden: int = 256,
+    text_layers: int = 8,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    text_intermediate: int = 640,
+    amp: bool = True,
+    threads: int | None = None,
+    log_every: int = 25,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Train MiniLLaVA from scratch; the defaults are the recipe of the shipped checkpoint.
+
+    Determinism: everything is derived from ``seed`` and the SynthVQA seeds; with the same
+    torch build, thread count and device the run is repeatable.  Only the train split is
+    trained on, val picks the language-model checkpoint, test is evaluated once at the end
+    on the model as reloaded from ``output_dir``.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _tune_allocator()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    lines: list[str] = []
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        line = f"[{time.time() - t_start:7.1f}s] {msg}"
+        lines.append(line)
+        if verbose:
+            print(line, flush=True)
+
+    arch = dict(vision_hidden=vision_hidden, vision_layers=vision_layers, vision_heads=vision_heads,
+                text_hidden=text_hidden, text_layers=text_layers, text_heads=text_heads,
+                text_kv_heads=text_kv_heads, text_intermediate=text_intermediate)
+    recipe = dict(seed=seed, device=device, n_scenes=n_scenes, question_sets=question_sets, vit_steps=vit_steps,
+                  vit_batch=vit_batch, vit_lr=vit_lr, lm_steps=lm_steps, lm_batch=lm_batch, lm_lr=lm_lr,
+                  weight_decay=weight_decay, eval_every=eval_every, n_val=n_val, n_test=n_test, amp=amp,
+                  threads=torch.get_num_threads(), **arch)
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer)
+    config = build_config(**arch)
+    model = LlavaForConditionalGeneration(config).to(device)
+    counts = {"vision_tower": sum(p.numel() for p in model.model.vision_tower.parameters()),
+              "projector": sum(p.numel() for p in model.model.multi_modal_projector.parameters()),
+              "language_model": sum(p.numel() for p in model.model.language_model.parameters())
+              + sum(p.numel() for p in model.lm_head.parameters())}
+    counts["total"] = sum(counts.values())
+    log(f"recipe {json.dumps(recipe)}")
+    log(f"parameters {json.dumps(counts)}")
+    times: dict[str, float] = {}
+
+    # data
+    t = time.time()
+    pool = _Pool(range(sv.SPLIT_SEED_BASE["train"], sv.SPLIT_SEED_BASE["train"] + n_scenes), question_sets, tokenizer)
+    val_samples = sv.load_split("val", n_val)
+    val_images, val_questions = _group_by_scene(val_samples, tokenizer)
+    val_seeds = list(dict.fromkeys(s.scene_seed for s in val_samples))
+    vit_val = _Pool(val_seeds[:256], 0, tokenizer, with_questions=False)
+    times["data"] = time.time() - t
+    log(f"data: {n_scenes} train scenes, {sum(len(q) for q in pool.questions[0])} questions/set, "
+        f"{len(val_samples)} val questions on {len(val_images)} scenes ({times['data']:.0f}s)")
+
+    # (a) vision tower pretraining on a global [CLS] objective
+    t = time.time()
+    vit_report = _pretrain_vision(model, pool, vit_val, processor.image_processor, steps=vit_steps, batch=vit_batch,
+                                  lr=vit_lr, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
+                                  log=log, log_every=log_every)
+    times["vision_pretraining"] = time.time() - t
+
+    # frozen tower: cache the projector inputs once
+    t = time.time()
+    model.model.vision_tower.requires_grad_(False)
+    feats = _extract_features(model, pool.images, processor.image_processor, device=device, batch=32, log=log)
+    val_feats = _extract_features(model, val_images, processor.image_processor, device=device, batch=32, log=log)
+    pool.images = torch.empty(0)
+    times["feature_extraction"] = time.time() - t
+    log(f"features {tuple(feats.shape)} ({times['feature_extraction']:.0f}s)")
+
+    # (b) projector + language model on SynthVQA questions, answer token only
+    t = time.time()
+    plm = _PrefixLM(model, tokenizer)
+    lm_report = _train_language(plm, feats, pool, val_feats, val_questions, tokenizer, steps=lm_steps,
+                                batch=lm_batch, lr=lm_lr, weight_decay=weight_decay, seed=seed, device=device,
+                                amp=amp, eval_every=eval_every, log=log, log_every=log_every)
+    times["language_training"] = time.time() - t
+    del feats
+
+    # save, reload, evaluate what was saved
+    t = time.time()
+    model.to("cpu").float()
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    reloaded = LlavaForConditionalGeneration.from_pretrained(output_dir, dtype=torch.float32).to(device)
+    reprocessor = AutoProcessor.from_pretrained(output_dir)
+    val_metrics = evaluate(reloaded, reprocessor, val_samples)
+    test_samples = sv.load_split("test", n_test)
+    test_metrics = evaluate(reloaded, reprocessor, test_samples, return_predictions=True)
+    subset = test_metrics.pop("predictions")[:REGRESSION_SUBSET]
+    times["evaluation"] = time.time() - t
+    times["total"] = time.time() - t_start
+    log(f"val acc {val_metrics['accuracy']:.4f}  test acc {test_metrics['accuracy']:.4f} "
+        f"(free {test_metrics['free_accuracy']:.4f})")
+    for fam, v in test_metrics["per_family"].items():
+        log(f"  test {fam:13s} {v['accuracy']:.3f} (chance {v['chance']:.3f}, free {v['free_accuracy']:.3f}, n {v['n']})")
+
+    size = sum(p.stat().st_size for p in output_dir.glob("*.safetensors"))
+    result = {
+        "recipe": recipe,
+        "parameters": counts,
+        "checkpoint_bytes": size,
+        "wall_time_s": {k: round(v, 1) for k, v in times.items()},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "vision_pretraining": vit_report,
+        "language_training": lm_report,
+        "evaluation_rule": "argmax of next-token logits over the family's closed answer choices; "
+                           "free_accuracy = argmax over the whole vocabulary",
+        "prompt_template": PROMPT_TEMPLATE,
+        "val": val_metrics,
+        "test": test_metrics,
+        "test_subset": {"n": len(subset), "split": "test", "first": REGRESSION_SUBSET,
+                        "correct": sum(p["prediction"] == p["answer"] for p in subset),
+                        "accuracy": float(np.mean([p["prediction"] == p["answer"] for p in subset])) if subset else 0.0,
+                        "predictions": [p["prediction"] for p in subset]},
+    }
+    (output_dir / "training_log.json").write_text(json.dumps(result, indent=2) + "\n")
+    (output_dir / "training_log.txt").write_text("\n".join(lines) + "\n")
+    return result
