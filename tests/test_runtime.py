@@ -205,3 +205,18 @@ def test_remove_restores_model_exactly(name):
     assert all(torch.equal(before[1][k], v) for k, v in snapshot[1].items())
     assert torch.equal(after, ref)
     assert all("forward" not in layer.__dict__ for layer in model.model.vision_tower.encoder.layers)
+
+
+@pytest.mark.parametrize("name", ["fastv", "divprune"])
+def test_cache_and_batch_parity_with_eager_attention(name, eager_model, monkeypatch):
+    monkeypatch.setattr(_FastVDrop, "scores", _fixed_scores)
+    prompts = [prompt([1, 5], [7, 8, 9, 10]), prompt([2], [4], images=2)]
+    pixels = images(3, seed=8)
+    ids, mask = batch(prompts)
+    with torch.no_grad(), vtprune.apply(eager_model, name, keep=6):
+        cached = greedy(eager_model, ids, mask, pixels)
+        recomputed = greedy(eager_model, ids, mask, pixels, use_cache=False)
+        single = greedy(eager_model, *batch([prompts[1]]), pixels[1:])
+    assert torch.equal(cached[0], recomputed[0]) and torch.equal(cached[0][1], single[0][0])
+    torch.testing.assert_close(cached[1], recomputed[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached[1][1], single[1][0], atol=1e-4, rtol=1e-4)

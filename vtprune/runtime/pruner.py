@@ -63,6 +63,7 @@ class _Prefill:
     visual_tokens: torch.Tensor
     vision_tokens: int
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    mask: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (valid it was built for, mask)
     layer_inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
@@ -310,7 +311,10 @@ class Pruner:
         if index in self._needs_input:
             prefill.layer_inputs[index] = (hidden, position_embeddings)
         prefill.visual_tokens[:, index] = (seq.visual & seq.valid).sum(1).cpu()
-        kwargs["attention_mask"] = attention_mask(None, seq.valid, hidden.dtype, self.adapter.attn_implementation)
+        if prefill.mask is None or prefill.mask[0] is not seq.valid:  # rebuilt only after a drop
+            mask = attention_mask(None, seq.valid, hidden.dtype, self.adapter.attn_implementation)
+            prefill.mask = (seq.valid, mask)
+        kwargs["attention_mask"] = prefill.mask[1]
         kwargs["position_embeddings"] = position_embeddings
         kwargs["position_ids"] = seq.positions
         self._cache.valid[index] = seq.valid

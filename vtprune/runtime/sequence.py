@@ -121,9 +121,12 @@ def attention_mask(
 ) -> torch.Tensor:
     """4-D mask [B, 1, q, past + q] for one decoder layer: every valid cached key, causal among the new tokens.
 
-    Padding queries may see themselves so that no softmax row is empty (their outputs are never used).
+    Padding queries may see themselves so that no softmax row is empty (their outputs are never used). Returns
+    ``None`` for SDPA when nothing is padded: the plain causal case, which SDPA runs on its faster causal kernels.
     """
     batch, q = valid.shape
+    if implementation == "sdpa" and bool(valid.all()) and (past_valid is None or bool(past_valid.all())):
+        return None
     causal = torch.ones(q, q, dtype=torch.bool, device=valid.device).tril()
     current = causal[None] & valid[:, None, :]
     current |= torch.eye(q, dtype=torch.bool, device=valid.device)[None] & ~valid[:, :, None]
