@@ -91,3 +91,12 @@ def test_unsupported_attention_implementation(fresh):
     finally:
         model.model.language_model.config._attn_implementation = "sdpa"
     _untouched(model, ids, mask, ref)
+
+
+def test_right_padding_is_refused(fresh):
+    model, ids, mask, ref = fresh
+    right_ids = torch.cat([ids, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    right_mask = torch.cat([mask, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    with vtprune.apply(model, "fastv", keep=4), pytest.raises(ValueError, match="padding_side = 'left'"):
+        model(input_ids=right_ids, attention_mask=right_mask, pixel_values=images(1))
+    _untouched(model, ids, mask, ref)

@@ -226,6 +226,9 @@ class Pruner:
         batch, length = input_ids.shape
         mask2d = kwargs.get("attention_mask")
         valid = mask2d.bool() if mask2d is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        if not valid[:, -1].all():
+            raise ValueError("vtprune needs left-padded batches (the last token of every row must be real); set "
+                             "processor.tokenizer.padding_side = 'left'")
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=input_ids.device).expand(batch, length)
