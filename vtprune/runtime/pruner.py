@@ -170,7 +170,7 @@ class Pruner:
         return (), kwargs
 
     def _after_multimodal(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        prefill, self._prefill = self._prefill, None
+        prefill, self._prefill, self._decode_valid = self._prefill, None, None
         if prefill is None:
             return
         seq = prefill.sequence
@@ -188,6 +188,8 @@ class Pruner:
 
     def _layer_hook(self, index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if self._prefill is None and self._decode_valid is None:
+                return None  # the language model called on its own: nothing to do
             hidden = args[0] if args else kwargs.pop("hidden_states")
             if self._prefill is not None:
                 hidden = self._prefill_layer(index, hidden, kwargs)
@@ -356,6 +358,7 @@ class Pruner:
 
     # --- decode ---------------------------------------------------------------------------------------------------
     def _start_decode(self, kwargs: dict, past: int) -> dict:
+        self._prefill = None  # in case an earlier forward raised half-way
         cache = self._cache
         if cache is None or cache.valid[0] is None or cache.valid[0].shape[1] != past:
             raise RuntimeError(
