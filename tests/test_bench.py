@@ -65,3 +65,21 @@ def test_plots_are_written(report, tmp_path):
     assert {p.name for p in paths} == {"accuracy_vs_tokens.png", "accuracy_vs_flops.png", "keep_frequency.png"}
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_reusing_vit_outputs_changes_nothing():
+    from vtprune.bench.runner import Config, _batches, encode_batches, evaluate
+
+    torch.manual_seed(1)
+    config = reference.build_config(vision_hidden=32, vision_layers=6, text_hidden=64, text_layers=4,
+                                    text_intermediate=128)
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = reference.build_processor()
+    samples = synthvqa.load_split("test", 4)
+    batches = _batches(processor, samples, 2, reference.format_prompt)
+    cache = encode_batches(model, batches)
+    for method in ("fastervlm", "fastv", "tome"):
+        cfg = Config(method, 64, {"keep": 64})
+        fresh = evaluate(model, processor, samples, cfg, batches, reference.format_prompt)
+        cached = evaluate(model, processor, samples, cfg, batches, reference.format_prompt, cache)
+        assert fresh == cached

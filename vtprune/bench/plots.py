@@ -54,7 +54,8 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
         record = min(groups[method], key=lambda r: r["budget"])
         ax.imshow(np.array(record["keep_frequency"]), vmin=0, vmax=1, cmap="viridis")
         ax.set_title(f"{method} @ {record['budget']}", fontsize=9)
-    fig.suptitle("how often each patch is kept (smallest budget)")
+    fig.suptitle("share of images in which a patch feeds a token alive after the last layer (smallest budget)",
+                 fontsize=10)
     fig.tight_layout()
     paths.append(out_dir / "keep_frequency.png")
     fig.savefig(paths[-1], dpi=110)

@@ -274,6 +274,24 @@ def scene_targets(scene: sv.Scene) -> np.ndarray:
     return np.array([name in on for name in TARGET_NAMES], dtype=np.float32)
 
 
+#: classes of the optional per-patch auxiliary targets (0 = background / no glyph)
+PATCH_TARGETS = {"colour": 1 + len(sv.COLOURS), "shape": 1 + len(sv.SHAPES), "glyph": 1 + len(sv.LABELS)}
+
+
+def patch_targets(scene: sv.Scene) -> np.ndarray:
+    """[3, 576] int: colour, shape and glyph class under each patch (the dense auxiliary of stage (a))."""
+    out = np.zeros((3, sv.GRID * sv.GRID), dtype=np.uint8)
+    colours, labels = list(sv.COLOURS), list(sv.LABELS)
+    for o in scene.objects:
+        cover = o.patch_mask().reshape(-1)
+        out[0, cover] = 1 + colours.index(o.colour)
+        out[1, cover] = 1 + sv.SHAPES.index(o.shape)
+        if o.label is not None and o.label_mask is not None:
+            ink = o.label_mask.reshape(sv.GRID, sv.PATCH_SIZE, sv.GRID, sv.PATCH_SIZE).sum(axis=(1, 3)).reshape(-1)
+            out[2, ink >= 6] = 1 + labels.index(o.label)
+    return out
+
+
 # ------------------------------------------------------------------ training helpers
 
 def _tune_allocator() -> None:
@@ -303,26 +321,31 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 class _Pool:
-    """Training scenes kept as uint8 pixels + precomputed question token ids (scene masks are dropped)."""
+    """Training scenes kept as uint8 pixels + question token ids (the scene masks are dropped).
 
-    def __init__(self, seeds: Sequence[int], question_sets: int, tokenizer, with_questions: bool = True):
+    Each scene gets the questions of ``question_sets`` independent draws of
+    ``synthvqa.questions_for_scene`` (draw 0 is exactly what ``load_split("train")`` asks of
+    it), de-duplicated: the image prefix is shared, so extra questions per image are cheap.
+    """
+
+    def __init__(self, seeds: Sequence[int], question_sets: int, tokenizer):
         n = len(seeds)
         self.seeds = list(seeds)
         self.images = torch.empty((n, sv.IMAGE_SIZE, sv.IMAGE_SIZE, 3), dtype=torch.uint8)
         self.targets = torch.empty((n, len(TARGET_NAMES)), dtype=torch.float32)
-        # questions[k][i] = list of (token ids of "<question> ASSISTANT:", answer id, family index)
-        self.questions: list[list[list[tuple[list[int], int, int]]]] = [[] for _ in range(question_sets)]
+        self.patch_targets = torch.empty((n, 3, sv.GRID * sv.GRID), dtype=torch.uint8)
+        # questions[i] = list of (token ids of "<question> ASSISTANT:", answer id, family index)
+        self.questions: list[list[tuple[list[int], int, int]]] = []
         for i, seed in enumerate(self.seeds):
             scene = sv.generate_scene(seed)
             self.images[i] = torch.from_numpy(np.array(scene.image))
             self.targets[i] = torch.from_numpy(scene_targets(scene))
-            if not with_questions:
-                continue
+            self.patch_targets[i] = torch.from_numpy(patch_targets(scene))
+            asked: dict[str, tuple[list[int], int, int]] = {}
             for k in range(question_sets):
-                # set 0 is exactly what load_split("train") asks of this scene; further sets add variety
-                rng = np.random.default_rng([seed, 7 + k])
-                self.questions[k].append([_encode_question(tokenizer, s.question, s.answer, s.family)
-                                          for s in sv.questions_for_scene(scene, rng)])
+                for s in sv.questions_for_scene(scene, np.random.default_rng([seed, 7 + k])):
+                    asked.setdefault(s.question, _encode_question(tokenizer, s.question, s.answer, s.family))
+            self.questions.append(list(asked.values()))
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -346,12 +369,34 @@ def _autocast(device: str, enabled: bool):
                           dtype=torch.bfloat16, enabled=enabled)
 
 
+class _VisionHeads(nn.Module):
+    """Throw-away heads of stage (a): the global [CLS] head and the optional per-patch head."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.cls = nn.Linear(hidden, len(TARGET_NAMES))
+        self.patch = nn.Linear(hidden, sum(PATCH_TARGETS.values()))
+
+    def forward(self, tower, pixel_values: torch.Tensor, layer: int):
+        out = tower(pixel_values=pixel_values, output_hidden_states=True)
+        return self.cls(out.pooler_output).float(), self.patch(out.hidden_states[layer][:, 1:]).float()
+
+
+def _patch_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    loss, start = 0.0, 0
+    for k, n in enumerate(PATCH_TARGETS.values()):
+        loss = loss + F.cross_entropy(logits[..., start:start + n].reshape(-1, n), targets[:, k].reshape(-1).long())
+        start += n
+    return loss / len(PATCH_TARGETS)
+
+
 def _pretrain_vision(model, pool: _Pool, val_pool: _Pool, image_processor, *, steps: int, batch: int,
-                     lr: float, weight_decay: float, seed: int, device: str, amp: bool,
+                     lr: float, weight_decay: float, patch_weight: float, seed: int, device: str, amp: bool,
                      log: Callable[[str], None], log_every: int) -> dict[str, Any]:
     tower = model.model.vision_tower
-    head = nn.Linear(tower.config.hidden_size, len(TARGET_NAMES)).to(device)
-    params = list(tower.parameters()) + list(head.parameters())
+    layer = model.config.vision_feature_layer
+    heads = _VisionHeads(tower.config.hidden_size).to(device)
+    params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(seed + 1)
     order = torch.randperm(len(pool), generator=gen)
@@ -366,38 +411,57 @@ def _pretrain_vision(model, pool: _Pool, val_pool: _Pool, image_processor, *, st
         cursor += batch
         _set_lr(opt, _lr_at(step, steps, lr, warmup))
         with _autocast(device, amp):
-            pooled = tower(pixel_values=_pixels(pool.images[idx], image_processor, device)).pooler_output
-            logits = head(pooled).float()
-        loss = F.binary_cross_entropy_with_logits(logits, pool.targets[idx].to(device))
+            cls_logits, patch_logits = heads(tower, _pixels(pool.images[idx], image_processor, device), layer)
+        cls_loss = F.binary_cross_entropy_with_logits(cls_logits, pool.targets[idx].to(device))
+        loss = cls_loss
+        patch_loss = torch.zeros(())
+        if patch_weight:
+            patch_loss = _patch_loss(patch_logits, pool.patch_targets[idx].to(device))
+            loss = loss + patch_weight * patch_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        history.append(float(loss.detach()))
+        history.append((float(cls_loss.detach()), float(patch_loss.detach())))
         if log_every and (step + 1) % log_every == 0:
-            log(f"[vit] step {step + 1}/{steps} loss {np.mean(history[-log_every:]):.4f} "
+            recent = np.array(history[-log_every:])
+            log(f"[vit] step {step + 1}/{steps} cls-loss {recent[:, 0].mean():.4f} patch-loss {recent[:, 1].mean():.4f} "
                 f"{(step + 1) * batch / (time.time() - t0):.1f} img/s")
     tower.eval()
-    metrics = _vision_metrics(tower, head, val_pool, image_processor, device=device, amp=amp)
+    metrics = _vision_metrics(tower, heads, val_pool, image_processor, layer=layer, device=device, amp=amp)
     log(f"[vit] val: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")
-    return {"train_loss_last": float(np.mean(history[-max(1, log_every):])), "val": metrics}
+    recent = np.array(history[-max(1, log_every):])
+    return {"train_cls_loss_last": float(recent[:, 0].mean()), "train_patch_loss_last": float(recent[:, 1].mean()),
+            "val": metrics}
 
 
 @torch.no_grad()
-def _vision_metrics(tower, head, pool: _Pool, image_processor, *, device: str, amp: bool) -> dict[str, float]:
-    """Per-group exact-bit accuracy of the [CLS] head on held-out scenes (how global the summary is)."""
-    preds = []
+def _vision_metrics(tower, heads: _VisionHeads, pool: _Pool, image_processor, *, layer: int, device: str,
+                    amp: bool) -> dict[str, float]:
+    """Balanced accuracy of the [CLS] head per target group on held-out scenes, plus per-patch accuracy
+    of the auxiliary head on object patches (how much the frozen features already say)."""
+    cls_preds, patch_preds = [], []
     for start in range(0, len(pool), 32):
         with _autocast(device, amp):
-            pooled = tower(pixel_values=_pixels(pool.images[start:start + 32], image_processor, device)).pooler_output
-            preds.append((head(pooled).float() > 0).cpu())
-    pred = torch.cat(preds).float()
-    correct = (pred == pool.targets).float()
+            c, p = heads(tower, _pixels(pool.images[start:start + 32], image_processor, device), layer)
+        cls_preds.append((c > 0).cpu())
+        parts, s0 = [], 0
+        for n in PATCH_TARGETS.values():
+            parts.append(p[..., s0:s0 + n].argmax(-1).cpu())
+            s0 += n
+        patch_preds.append(torch.stack(parts, 1))
+    pred, truth = torch.cat(cls_preds).float(), pool.targets
+    pos = (pred * truth).sum(0) / truth.sum(0).clamp(min=1)
+    neg = ((1 - pred) * (1 - truth)).sum(0) / (1 - truth).sum(0).clamp(min=1)
+    balanced = (pos + neg) / 2
     groups: dict[str, list[int]] = {}
     for j, name in enumerate(TARGET_NAMES):
-        groups.setdefault(name.split(":")[0], []).append(j)
-    out = {g: float(correct[:, js].mean()) for g, js in groups.items()}
-    out["bce_bits_all"] = float(correct.mean())
+        groups.setdefault(name.split(":")[0].split(">")[0], []).append(j)
+    out = {f"cls_{g}": float(balanced[js].mean()) for g, js in groups.items()}
+    ppred, ptruth = torch.cat(patch_preds), pool.patch_targets.long()
+    for k, name in enumerate(PATCH_TARGETS):
+        on = ptruth[:, k] > 0
+        out[f"patch_{name}"] = float((ppred[:, k][on] == ptruth[:, k][on]).float().mean()) if on.any() else float("nan")
     return out
 
 
@@ -422,10 +486,12 @@ def _extract_features(model, images: torch.Tensor, image_processor, *, device: s
 class _PrefixLM:
     """Projector + decoder trained with one image prefix shared by all of that image's questions.
 
-    "<s> USER: <image>x576" does not depend on the question, so its keys/values are computed
-    once per image (with gradients) and every question of the image attends to them.  This is
-    exactly the causal computation of the full prompt (RoPE only sees relative positions, so
-    left padding in the batched full forward does not change it) at a fraction of the cost.
+    "<s> USER: <image>x576" does not depend on the question, so it is run once per image
+    (plain causal attention, with gradients) and all of the image's questions are then packed
+    into one continuation row: each question attends to the whole prefix and causally to
+    itself only, with positions restarting right after the prefix.  For every question this
+    is exactly the causal computation of its full prompt (RoPE only sees relative positions,
+    so left padding in the batched full forward does not change it) at a fraction of the cost.
     """
 
     def __init__(self, model, tokenizer):
@@ -442,10 +508,8 @@ class _PrefixLM:
     def parameters(self) -> list[nn.Parameter]:
         return list(self.projector.parameters()) + list(self.lm.parameters()) + list(self.head.parameters())
 
-    def logits(self, feats: torch.Tensor, rows: torch.Tensor, suffix: torch.Tensor,
-               last: torch.Tensor) -> torch.Tensor:
-        """feats [B,576,Dv]; rows [R] image of each question; suffix [R,L] right-padded ids;
-        last [R] index of each question's final token -> next-token logits [R,V]."""
+    def logits(self, feats: torch.Tensor, packed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """feats [B,576,Dv] + a :func:`_pack` batch -> next-token logits [questions, V]."""
         device = feats.device
         embed = self.lm.get_input_embeddings()
         b = feats.shape[0]
@@ -454,26 +518,35 @@ class _PrefixLM:
         prefix = torch.cat([head.to(img.dtype), img], dim=1)
         cache = self._cache_cls(config=self.lm.config)
         self.lm(inputs_embeds=prefix, past_key_values=cache, use_cache=True)
-        cache.reorder_cache(rows.to(device))
-        length = suffix.shape[1]
-        pos = torch.arange(self.prefix_len, self.prefix_len + length, device=device)
-        hidden = self.lm(input_ids=suffix.to(device), past_key_values=cache, use_cache=True,
-                         position_ids=pos.unsqueeze(0).expand(len(rows), -1)).last_hidden_state
-        final = hidden[torch.arange(len(rows), device=device), last.to(device)]
+        hidden = self.lm(input_ids=packed["suffix"].to(device), past_key_values=cache, use_cache=True,
+                         attention_mask=packed["mask"].to(device),
+                         position_ids=packed["pos"].to(device)).last_hidden_state
+        final = hidden[packed["q_row"].to(device), packed["q_last"].to(device)]
         return self.head(final)
 
 
-def _collate(questions: list[list[tuple[list[int], int, int]]], pad_id: int):
-    rows, ids, answers, families = [], [], [], []
-    for i, qs in enumerate(questions):
-        for q_ids, a, f in qs:
-            rows.append(i), ids.append(q_ids), answers.append(a), families.append(f)
-    length = max(len(x) for x in ids)
-    suffix = torch.full((len(ids), length), pad_id, dtype=torch.long)
-    for r, x in enumerate(ids):
-        suffix[r, :len(x)] = torch.tensor(x)
-    last = torch.tensor([len(x) - 1 for x in ids])
-    return torch.tensor(rows), suffix, last, torch.tensor(answers), torch.tensor(families)
+def _pack(questions: list[list[tuple[list[int], int, int]]], pad_id: int, prefix_len: int) -> dict[str, torch.Tensor]:
+    """One continuation row per image holding all its questions back to back (see :class:`_PrefixLM`)."""
+    b = len(questions)
+    width = max(1, max(sum(len(ids) for ids, _, _ in qs) for qs in questions))
+    suffix = torch.full((b, width), pad_id, dtype=torch.long)
+    pos = torch.full((b, width), prefix_len, dtype=torch.long)
+    mask = torch.zeros((b, 1, width, prefix_len + width), dtype=torch.bool)
+    mask[..., :prefix_len] = True
+    mask[:, 0, torch.arange(width), prefix_len + torch.arange(width)] = True  # padding attends to itself
+    q_row, q_last, answers, families = [], [], [], []
+    for r, qs in enumerate(questions):
+        t = 0
+        for ids, answer, family in qs:
+            n = len(ids)
+            suffix[r, t:t + n] = torch.tensor(ids)
+            pos[r, t:t + n] = prefix_len + torch.arange(n)
+            mask[r, 0, t:t + n, prefix_len + t:prefix_len + t + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            q_row.append(r), q_last.append(t + n - 1), answers.append(answer), families.append(family)
+            t += n
+    return {"suffix": suffix, "pos": pos, "mask": mask, "q_row": torch.tensor(q_row, dtype=torch.long),
+            "q_last": torch.tensor(q_last, dtype=torch.long), "answers": torch.tensor(answers, dtype=torch.long),
+            "families": torch.tensor(families, dtype=torch.long)}
 
 
 def _choice_table(tokenizer) -> list[torch.Tensor]:
@@ -488,12 +561,10 @@ def _fast_eval(plm: _PrefixLM, feats: torch.Tensor, questions: list[list[tuple[l
     records = []
     plm.model.eval()
     for start in range(0, len(questions), batch):
-        rows, suffix, last, answers, fams = _collate(questions[start:start + batch], tokenizer.pad_token_id)
-        if len(rows) == 0:
-            continue
+        packed = _pack(questions[start:start + batch], tokenizer.pad_token_id, plm.prefix_len)
         with _autocast(device, amp):
-            logits = plm.logits(feats[start:start + batch].to(device), rows, suffix, last).float().cpu()
-        for row, a, f in zip(logits, answers.tolist(), fams.tolist()):
+            logits = plm.logits(feats[start:start + batch].to(device), packed).float().cpu()
+        for row, a, f in zip(logits, packed["answers"].tolist(), packed["families"].tolist()):
             ids = choices[f]
             closed = int(ids[int(row[ids].argmax())])
             records.append((sv.FAMILIES[f], closed == a, int(row.argmax()) == a))
@@ -526,7 +597,6 @@ def _train_language(plm: _PrefixLM, feats: torch.Tensor, pool: _Pool, val_feats:
     gen = torch.Generator().manual_seed(seed + 2)
     order, cursor, epoch = torch.randperm(len(pool), generator=gen), 0, 0
     warmup = max(1, steps // 20)
-    n_sets = len(pool.questions)
     trained = [plm.projector, plm.lm, plm.head]
     best: dict[str, Any] = {"accuracy": -1.0, "step": 0, "state": None}
     history: list[tuple[float, float]] = []
@@ -549,13 +619,12 @@ def _train_language(plm: _PrefixLM, feats: torch.Tensor, pool: _Pool, val_feats:
             order, cursor, epoch = torch.randperm(len(pool), generator=gen), 0, epoch + 1
         idx = order[cursor:cursor + batch]
         cursor += batch
-        rows, suffix, last, answers, _ = _collate([pool.questions[epoch % n_sets][i] for i in idx.tolist()],
-                                                  tokenizer.pad_token_id)
+        packed = _pack([pool.questions[i] for i in idx.tolist()], tokenizer.pad_token_id, plm.prefix_len)
         _set_lr(opt, _lr_at(step, steps, lr, warmup))
         with _autocast(device, amp):
-            logits = plm.logits(feats[idx].to(device), rows, suffix, last)
+            logits = plm.logits(feats[idx].to(device), packed)
         logits = logits.float()
-        answers = answers.to(device)
+        answers = packed["answers"].to(device)
         loss = F.cross_entropy(logits, answers)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -588,6 +657,7 @@ def train_reference(
     vit_steps: int = 400,
     vit_batch: int = 32,
     vit_lr: float = 1e-3,
+    vit_patch_weight: float = 0.0,
     lm_steps: int = 2000,
     lm_batch: int = 16,
     lm_lr: float = 1e-3,
@@ -637,7 +707,7 @@ def train_reference(
                 text_hidden=text_hidden, text_layers=text_layers, text_heads=text_heads,
                 text_kv_heads=text_kv_heads, text_intermediate=text_intermediate)
     recipe = dict(seed=seed, device=device, n_scenes=n_scenes, question_sets=question_sets, vit_steps=vit_steps,
-                  vit_batch=vit_batch, vit_lr=vit_lr, lm_steps=lm_steps, lm_batch=lm_batch, lm_lr=lm_lr,
+                  vit_batch=vit_batch, vit_lr=vit_lr, vit_patch_weight=vit_patch_weight, lm_steps=lm_steps, lm_batch=lm_batch, lm_lr=lm_lr,
                   weight_decay=weight_decay, eval_every=eval_every, n_val=n_val, n_test=n_test, amp=amp,
                   threads=torch.get_num_threads(), **arch)
     tokenizer = build_tokenizer()
@@ -659,15 +729,15 @@ def train_reference(
     val_samples = sv.load_split("val", n_val)
     val_images, val_questions = _group_by_scene(val_samples, tokenizer)
     val_seeds = list(dict.fromkeys(s.scene_seed for s in val_samples))
-    vit_val = _Pool(val_seeds[:256], 0, tokenizer, with_questions=False)
+    vit_val = _Pool(val_seeds[:256], 0, tokenizer)
     times["data"] = time.time() - t
-    log(f"data: {n_scenes} train scenes, {sum(len(q) for q in pool.questions[0])} questions/set, "
+    log(f"data: {n_scenes} train scenes, {sum(len(q) for q in pool.questions)} distinct questions, "
         f"{len(val_samples)} val questions on {len(val_images)} scenes ({times['data']:.0f}s)")
 
     # (a) vision tower pretraining on a global [CLS] objective
     t = time.time()
     vit_report = _pretrain_vision(model, pool, vit_val, processor.image_processor, steps=vit_steps, batch=vit_batch,
-                                  lr=vit_lr, weight_decay=weight_decay, seed=seed, device=device, amp=amp,
+                                  lr=vit_lr, weight_decay=weight_decay, patch_weight=vit_patch_weight, seed=seed, device=device, amp=amp,
                                   log=log, log_every=log_every)
     times["vision_pretraining"] = time.time() - t
 
