@@ -83,3 +83,25 @@ def test_reusing_vit_outputs_changes_nothing():
         fresh = evaluate(model, processor, samples, cfg, batches, reference.format_prompt)
         cached = evaluate(model, processor, samples, cfg, batches, reference.format_prompt, cache)
         assert fresh == cached
+
+
+@pytest.mark.parametrize("method", ["fastv", "tome"])
+def test_show_writes_overlay(method, tmp_path):
+    from vtprune.bench.show import show
+
+    torch.manual_seed(2)
+    config = reference.build_config(vision_hidden=32, vision_layers=6, text_hidden=64, text_layers=4,
+                                    text_intermediate=128)
+    model = LlavaForConditionalGeneration(config).eval()
+    sample = synthvqa.load_split("test", 1)[0]
+    path = show(model, reference.build_processor(), sample, method, tmp_path / "show.png", reference.format_prompt,
+                keep=64)
+    from PIL import Image
+
+    picture = np.asarray(Image.open(path).convert("RGB")).astype(float)
+    overlay = picture[40:, 336 + 8:]
+    original = picture[40:, :336]
+    assert overlay.shape == original.shape == (336, 336, 3)
+    dimmed = overlay.mean() < original.mean() * 0.9  # fastv: 512 of 576 patches dimmed
+    outlined = (overlay == [255, 255, 0]).all(-1).sum() > 100  # tome: merged groups outlined in yellow
+    assert dimmed if method == "fastv" else outlined
