@@ -1,6 +1,5 @@
 """The single place where sequences, positions, masks and the KV cache change."""
 from vtprune.runtime.operators import (
-    STAGES,
     DecodeContext,
     DecodeOperator,
     LayerContext,
@@ -15,7 +14,6 @@ from vtprune.runtime.pruner import Pruner
 from vtprune.runtime.stats import Stats
 
 __all__ = [
-    "STAGES",
     "DecodeContext",
     "DecodeOperator",
     "LayerContext",

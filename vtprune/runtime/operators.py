@@ -11,16 +11,12 @@ the KV cache.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 
 from vtprune.models.base import Adapter
-
-STAGES = ("vision", "pre_llm", "layer", "decode")
-
 
 @dataclass
 class VisionState:
@@ -101,7 +97,6 @@ class LayerContext:
     hidden_states: torch.Tensor  # [B, n, D]
     valid: torch.Tensor  # [B, n] False for padding
     visual: torch.Tensor  # [B, n] True for (alive) visual tokens
-    budget: Callable[[torch.Tensor], torch.Tensor]  # original visual tokens per sample [B] -> kept count [B]
     original_visual: torch.Tensor  # [B] visual tokens each sample had before any reduction
     previous_input: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
     _cache: dict = field(default_factory=dict)
@@ -165,6 +160,3 @@ class DecodeOperator:
 
     def trim(self, ctx: DecodeContext) -> dict[int, torch.Tensor]:
         raise NotImplementedError
-
-
-Operator = VisionOperator | PreLLMOperator | LayerOperator | DecodeOperator

@@ -329,14 +329,12 @@ class Pruner:
     def _drop(self, op: LayerOperator, index: int, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
         prefill = self._prefill
         seq = prefill.sequence
-        budget_fn = getattr(op, "budget", None)
         ctx = LayerContext(
             adapter=self.adapter,
             layer=index,
             hidden_states=hidden,
             valid=seq.valid,
             visual=seq.visual & seq.valid,
-            budget=budget_fn,
             original_visual=prefill.original_visual.to(hidden.device),
             previous_input=prefill.layer_inputs.get(index - 1),
         )
