@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_SAMPLES = 240
+DEFAULT_SAMPLES = 120
 
 
 DEMO_NOTE = (
