@@ -36,7 +36,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -275,12 +275,13 @@ def scene_targets(scene: sv.Scene) -> np.ndarray:
 
 
 #: classes of the optional per-patch auxiliary targets (0 = background / no glyph)
-PATCH_TARGETS = {"colour": 1 + len(sv.COLOURS), "shape": 1 + len(sv.SHAPES), "glyph": 1 + len(sv.LABELS)}
+PATCH_TARGETS = {"colour": 1 + len(sv.COLOURS), "shape": 1 + len(sv.SHAPES), "glyph": 1 + len(sv.LABELS), "centre": 2}
 
 
 def patch_targets(scene: sv.Scene) -> np.ndarray:
-    """[3, 576] int: colour, shape and glyph class under each patch (the dense auxiliary of stage (a))."""
-    out = np.zeros((3, sv.GRID * sv.GRID), dtype=np.uint8)
+    """[4, 576] int: colour, shape and glyph class under each patch, and whether an object's centroid
+    falls in it (the optional dense auxiliary of stage (a))."""
+    out = np.zeros((len(PATCH_TARGETS), sv.GRID * sv.GRID), dtype=np.uint8)
     colours, labels = list(sv.COLOURS), list(sv.LABELS)
     for o in scene.objects:
         cover = o.patch_mask().reshape(-1)
@@ -289,6 +290,8 @@ def patch_targets(scene: sv.Scene) -> np.ndarray:
         if o.label is not None and o.label_mask is not None:
             ink = o.label_mask.reshape(sv.GRID, sv.PATCH_SIZE, sv.GRID, sv.PATCH_SIZE).sum(axis=(1, 3)).reshape(-1)
             out[2, ink >= 6] = 1 + labels.index(o.label)
+        cx, cy = o.centroid()
+        out[3, min(int(cy // sv.PATCH_SIZE), sv.GRID - 1) * sv.GRID + min(int(cx // sv.PATCH_SIZE), sv.GRID - 1)] = 1
     return out
 
 
@@ -333,7 +336,7 @@ class _Pool:
         self.seeds = list(seeds)
         self.images = torch.empty((n, sv.IMAGE_SIZE, sv.IMAGE_SIZE, 3), dtype=torch.uint8)
         self.targets = torch.empty((n, len(TARGET_NAMES)), dtype=torch.float32)
-        self.patch_targets = torch.empty((n, 3, sv.GRID * sv.GRID), dtype=torch.uint8)
+        self.patch_targets = torch.empty((n, len(PATCH_TARGETS), sv.GRID * sv.GRID), dtype=torch.uint8)
         # questions[i] = list of (token ids of "<question> ASSISTANT:", answer id, family index)
         self.questions: list[list[tuple[list[int], int, int]]] = []
         for i, seed in enumerate(self.seeds):
@@ -382,19 +385,52 @@ class _VisionHeads(nn.Module):
         return self.cls(out.pooler_output).float(), self.patch(out.hidden_states[layer][:, 1:]).float()
 
 
+def _init_position_embedding(tower) -> None:
+    """2-D sin-cos start for the learned position table ([CLS] row zero), so attention can find
+    neighbouring patches from the first step instead of discovering the grid from scratch."""
+    emb = tower.embeddings.position_embedding.weight
+    dim, grid = emb.shape[1], sv.GRID
+    quarter = dim // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / max(1, quarter)))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        angles = coord[:, None] * freqs[None, :]
+        parts += [angles.sin(), angles.cos()]
+    table = torch.zeros_like(emb)
+    table[1:, :4 * quarter] = torch.cat(parts, dim=1).to(emb.dtype)
+    with torch.no_grad():
+        emb.copy_(table)
+
+
 def _patch_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    loss, start = 0.0, 0
-    for k, n in enumerate(PATCH_TARGETS.values()):
-        loss = loss + F.cross_entropy(logits[..., start:start + n].reshape(-1, n), targets[:, k].reshape(-1).long())
-        start += n
-    return loss / len(PATCH_TARGETS)
+    """Per-patch losses, each restricted to where it is informative (objects cover ~10% of patches)."""
+    sizes = list(PATCH_TARGETS.values())
+    colour, shape, glyph, centre = torch.split(logits, sizes, dim=-1)
+    t = targets.long()
+    on_object = t[:, 0] > 0
+    labelled = torch.zeros_like(on_object)
+    for b in range(t.shape[0]):  # patches of objects that carry a glyph: glyph ink vs. plain surface
+        ids = torch.unique(t[b, 0][t[b, 2] > 0])
+        if len(ids):
+            labelled[b] = on_object[b] & (t[b, 2] > 0).any() & torch.isin(t[b, 0], ids)
+    loss = F.cross_entropy(colour.reshape(-1, sizes[0]), t[:, 0].reshape(-1))
+    if on_object.any():
+        loss = loss + F.cross_entropy(shape[on_object], t[:, 1][on_object])
+        loss = loss + F.cross_entropy(centre[on_object], t[:, 3][on_object],
+                                      weight=torch.tensor([1.0, 5.0], device=logits.device))
+    if labelled.any():
+        loss = loss + F.cross_entropy(glyph[labelled], t[:, 2][labelled])
+    return loss / len(sizes)
 
 
 def _pretrain_vision(model, pool: _Pool, val_pool: _Pool, image_processor, *, steps: int, batch: int,
                      lr: float, weight_decay: float, patch_weight: float, seed: int, device: str, amp: bool,
-                     log: Callable[[str], None], log_every: int) -> dict[str, Any]:
+                     log: Callable[[str], None], log_every: int, val_every: int = 0) -> dict[str, Any]:
     tower = model.model.vision_tower
     layer = model.config.vision_feature_layer
+    _init_position_embedding(tower)
     heads = _VisionHeads(tower.config.hidden_size).to(device)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
@@ -427,6 +463,11 @@ def _pretrain_vision(model, pool: _Pool, val_pool: _Pool, image_processor, *, st
             recent = np.array(history[-log_every:])
             log(f"[vit] step {step + 1}/{steps} cls-loss {recent[:, 0].mean():.4f} patch-loss {recent[:, 1].mean():.4f} "
                 f"{(step + 1) * batch / (time.time() - t0):.1f} img/s")
+        if val_every and (step + 1) % val_every == 0 and step + 1 < steps:
+            tower.eval()
+            metrics = _vision_metrics(tower, heads, val_pool, image_processor, layer=layer, device=device, amp=amp)
+            log(f"[vit] step {step + 1} val: {json.dumps({k: round(v, 3) for k, v in metrics.items()})}")
+            tower.train()
     tower.eval()
     metrics = _vision_metrics(tower, heads, val_pool, image_processor, layer=layer, device=device, amp=amp)
     log(f"[vit] val: {json.dumps({k: round(v, 4) for k, v in metrics.items()})}")
