@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ from vtprune.bench import synthvqa as sv
 
 TINY = dict(n_scenes=12, question_sets=2, vit_steps=2, vit_batch=4, lm_steps=3, lm_batch=4, eval_every=2,
             n_val=12, n_test=12, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=2,
-            text_heads=2, text_kv_heads=1, text_intermediate=64, log_every=0, verbose=False)
+            text_heads=2, text_kv_heads=1, text_intermediate=64, log_every=0, verbose=False,
+            question_layers=(0,), ground_layers=(1,), ground_weight=1.0)
 
 
 def test_tokenizer_round_trips_every_question_word():
@@ -44,27 +46,40 @@ def test_processor_expands_image_to_576_tokens_with_left_padding():
 
 
 def test_shared_prefix_training_path_matches_full_forward():
+    """Logits and the attention masses of the grounding auxiliary equal those of the ordinary full forward."""
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(0)
     tok = ref.build_tokenizer()
     proc = ref.build_processor(tok)
     cfg = ref.build_config(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=64, text_layers=2,
-                           text_heads=4, text_kv_heads=2, text_intermediate=64)
+                           text_heads=4, text_kv_heads=2, text_intermediate=64, rope_theta=1e5)
     model = LlavaForConditionalGeneration(cfg).eval()
     samples = sv.load_split("val", 8)
     images, questions = ref._group_by_scene(samples, tok)
     feats = ref._extract_features(model, images, proc.image_processor, device="cpu", batch=8, log=print)
     plm = ref._PrefixLM(model, tok)
+    packed = ref._pack(questions, tok.pad_token_id, plm.prefix_len)
     with torch.no_grad():
-        fast = plm.logits(feats.float(), ref._pack(questions, tok.pad_token_id, plm.prefix_len))
+        fast, grounding = plm.logits(feats.float(), packed, ground_layers=(0, 1))
     seeds = list(dict.fromkeys(s.scene_seed for s in samples))
     ordered = [s for seed in seeds for s in samples if s.scene_seed == seed]
     inputs = proc(images=[s.image for s in ordered], text=[ref.format_prompt(s.question) for s in ordered],
                   return_tensors="pt", padding=True)
+    model.set_attn_implementation("eager")  # only to read the reference attention maps
     with torch.no_grad():
-        full = model(**inputs).logits[:, -1]
-    torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-3)
+        out = model(**inputs, output_attentions=True)
+    torch.testing.assert_close(fast, out.logits[:, -1], atol=1e-4, rtol=1e-3)
+    is_image = inputs.input_ids == cfg.image_token_id
+    after_image = torch.cumsum(is_image.int().flip(1), 1).flip(1) == 0
+    relevant = torch.zeros_like(is_image)
+    relevant[is_image] = torch.from_numpy(np.stack([s.relevant_patches.reshape(-1) for s in ordered])).reshape(-1)
+    assert relevant.any()
+    for j, attentions in enumerate(out.attentions):
+        last_row = attentions[:, :, -1]  # [questions, heads, keys]
+        expected = torch.stack([(last_row * relevant[:, None]).sum(-1), (last_row * after_image[:, None]).sum(-1)],
+                               -1)
+        torch.testing.assert_close(grounding[:, j], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_train_reference_tiny_end_to_end(tmp_path):

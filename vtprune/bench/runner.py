@@ -22,6 +22,7 @@ import vtprune
 from vtprune.bench import synthvqa as sv
 from vtprune.bench.flops import prefill_flops, text_config_dims
 from vtprune.bench.memory import PeakMemory
+from vtprune.bench.reference import closed_prediction
 from vtprune.methods import get_method
 
 DEFAULT_BUDGETS = (64, 128, 192)
@@ -86,8 +87,7 @@ def evaluate(model, processor, samples, config: Config, batches, prompt,
         chunk = samples[offset:offset + logits.shape[0]]
         text_tokens = inputs["attention_mask"].sum(1) - (inputs["input_ids"] == model.config.image_token_id).sum(1)
         for i, sample in enumerate(chunk):
-            ids = tokenizer.convert_tokens_to_ids(list(sample.choices))
-            predicted = sample.choices[int(logits[i, ids].argmax())]
+            predicted = closed_prediction(logits[i], tokenizer, sample.choices)
             correct.append((sample.family, predicted == sample.answer))
             if pruner is None:
                 visual = np.full(model.config.text_config.num_hidden_layers, grid * grid)

@@ -12,12 +12,7 @@ import torch
 from torch import nn
 
 from vtprune.models.base import Adapter, VisionOutput
-from vtprune.ops import attention_probs
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+from vtprune.ops import attention_probs, rotate_half
 
 
 class LlavaAdapter(Adapter):
@@ -143,6 +138,6 @@ class LlavaAdapter(Adapter):
         q_sin = sin.expand(batch, -1, -1).gather(1, rows.expand(-1, -1, sin.shape[-1]))
         query = attn.q_proj(q_in).view(batch, q_in.shape[1], -1, attn.head_dim).transpose(1, 2)
         key = attn.k_proj(normed).view(batch, n, -1, attn.head_dim).transpose(1, 2)
-        query = query * q_cos[:, None] + _rotate_half(query) * q_sin[:, None]
-        key = key * cos[:, None] + _rotate_half(key) * sin[:, None]
+        query = query * q_cos[:, None] + rotate_half(query) * q_sin[:, None]
+        key = key * cos[:, None] + rotate_half(key) * sin[:, None]
         return attention_probs(query, key, attn.scaling, key_mask)

@@ -25,3 +25,9 @@ def attention_probs(
         mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
         logits = logits.masked_fill(~mask, float("-inf"))
     return logits.softmax(dim=-1)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The Llama RoPE helper: (x1, x2) -> (-x2, x1) over the two halves of the last dim."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
