@@ -345,6 +345,10 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+#: one training question: token ids of "<question> ASSISTANT:", answer id, family index, relevant patch indices
+Question = tuple[list[int], int, int, torch.Tensor]
+
+
 class _Pool:
     """Training scenes kept as uint8 pixels + question token ids (the scene masks are dropped).
 
@@ -359,8 +363,6 @@ class _Pool:
         self.images = torch.empty((n, sv.IMAGE_SIZE, sv.IMAGE_SIZE, 3), dtype=torch.uint8)
         self.targets = torch.empty((n, len(TARGET_NAMES)), dtype=torch.float32)
         self.patch_targets = torch.empty((n, len(PATCH_TARGETS), sv.GRID * sv.GRID), dtype=torch.uint8)
-        # questions[i] = list of (token ids of "<question> ASSISTANT:", answer id, family index,
-        # indices of the question's relevant patches)
         self.questions: list[list[Question]] = []
         for i, seed in enumerate(self.seeds):
             scene = sv.generate_scene(seed)
@@ -375,9 +377,6 @@ class _Pool:
 
     def __len__(self) -> int:
         return len(self.seeds)
-
-
-Question = tuple[list[int], int, int, torch.Tensor]
 
 
 def _encode_question(tokenizer, sample: sv.Sample) -> Question:
@@ -775,8 +774,10 @@ def _train_language(plm: _PrefixLM, feats: torch.Tensor, pool: _Pool, val_feats:
             # attention auxiliary: the answer position first reads its question, then its relevant patches
             text = grounding[:, :len(question_layers), :, 1]
             image = grounding[:, len(question_layers):, :, 0][packed["relevant"].any(-1).to(device)]
-            ground_loss = -torch.cat([text.reshape(-1), image.reshape(-1)]).float().clamp_min(1e-4).log().mean()
-            loss = loss + ground_weight * ground_loss
+            masses = torch.cat([text.reshape(-1), image.reshape(-1)]).float()
+            if masses.numel():  # e.g. only "0"-count questions and no question layers: nothing to ground
+                ground_loss = -masses.clamp_min(1e-4).log().mean()
+                loss = loss + ground_weight * ground_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
