@@ -14,7 +14,8 @@ from vtprune.bench import synthvqa as sv
 TINY = dict(n_scenes=12, question_sets=2, vit_steps=2, vit_batch=4, lm_steps=3, lm_batch=4, eval_every=2,
             n_val=12, n_test=12, vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=32, text_layers=2,
             text_heads=2, text_kv_heads=1, text_intermediate=64, log_every=0, verbose=False,
-            question_layers=(0,), ground_layers=(1,), ground_weight=1.0)
+            question_layers=(0,), ground_layers=(1,), ground_weight=1.0, subset_tokens=32, subset_steps=2,
+            curriculum_steps=2)
 
 
 def test_tokenizer_round_trips_every_question_word():
@@ -82,6 +83,50 @@ def test_shared_prefix_training_path_matches_full_forward():
         torch.testing.assert_close(grounding[:, j], expected, atol=1e-5, rtol=1e-4)
 
 
+def test_training_subset_keeps_positions_and_matches_a_pruned_forward():
+    """Training on a subset of the image tokens = the decoder run on just those tokens at their own positions."""
+    torch.manual_seed(0)
+    tok = ref.build_tokenizer()
+    cfg = ref.build_config(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64, text_layers=2,
+                           text_heads=4, text_kv_heads=2, text_intermediate=64)
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration(cfg).eval()
+    _, questions = ref._group_by_scene(sv.load_split("val", 6), tok)
+    feats = torch.randn(len(questions), ref.NUM_IMAGE_TOKENS, 32)
+    keep = ref._training_subset(questions, 40, torch.Generator().manual_seed(0))
+    for qs, row in zip(questions, keep):
+        assert row.tolist() == sorted(set(row.tolist()))
+        assert set(torch.cat([q[3].long() for q in qs]).tolist()) <= set(row.tolist())
+    assert keep.shape[1] >= 40
+    plm = ref._PrefixLM(model, tok)
+    with torch.no_grad():
+        fast, grounding = plm.logits(feats, ref._pack(questions, tok.pad_token_id, plm.prefix_len, keep), (1,))
+        everything = torch.arange(ref.NUM_IMAGE_TOKENS).expand(len(questions), -1)
+        torch.testing.assert_close(
+            plm.logits(feats, ref._pack(questions, tok.pad_token_id, plm.prefix_len, everything))[0],
+            plm.logits(feats, ref._pack(questions, tok.pad_token_id, plm.prefix_len))[0])
+    model.set_attn_implementation("eager")  # only to read the reference attention maps
+    lm, embed = model.model.language_model, model.model.language_model.get_input_embeddings()
+    k = 0
+    for image, (qs, kept) in enumerate(zip(questions, keep)):
+        for ids, _, _, relevant in qs:
+            head_len = len(plm.head_ids)
+            embeds = torch.cat([embed(plm.head_ids), model.model.multi_modal_projector(feats[image, kept]),
+                                embed(torch.tensor(ids))])[None]
+            positions = torch.cat([torch.arange(head_len), head_len + kept,
+                                   plm.prefix_len + torch.arange(len(ids))])[None]
+            with torch.no_grad():
+                # an explicit mask, or HF reads the position jumps as packed sequences
+                out = lm(inputs_embeds=embeds, position_ids=positions, output_attentions=True,
+                         attention_mask=torch.ones(positions.shape, dtype=torch.long))
+            torch.testing.assert_close(fast[k], model.lm_head(out.last_hidden_state[0, -1]), atol=1e-4, rtol=1e-3)
+            on = torch.isin(kept, relevant.long())
+            mass = out.attentions[1][0, :, -1, head_len:head_len + len(kept)][:, on].sum(-1)
+            torch.testing.assert_close(grounding[k, 0, :, 0], mass, atol=1e-5, rtol=1e-4)
+            k += 1
+
+
 def test_train_reference_tiny_end_to_end(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -94,3 +139,41 @@ def test_train_reference_tiny_end_to_end(tmp_path):
     processor = AutoProcessor.from_pretrained(tmp_path / "tiny")
     res = ref.evaluate(model, processor, sv.load_split("test", TINY["n_test"]), batch_size=6)
     assert res["accuracy"] == pytest.approx(log["test"]["accuracy"])
+    card = (tmp_path / "tiny" / "README.md").read_text()
+    assert f"Overall {log['test']['accuracy']:.3f}" in card and "| reading |" in card
+
+
+def test_curriculum_mask_shows_each_question_only_its_patches_at_zero_visibility():
+    tok = ref.build_tokenizer()
+    _, questions = ref._group_by_scene(sv.load_split("val", 12), tok)
+    prefix_len = 2 + ref.NUM_IMAGE_TOKENS
+    gen = torch.Generator().manual_seed(0)
+    hidden = ref._pack(questions, tok.pad_token_id, prefix_len, visible_fraction=0.0, gen=gen)
+    full = ref._pack(questions, tok.pad_token_id, prefix_len)
+    for k, (row, last) in enumerate(zip(hidden["q_row"], hidden["q_last"])):
+        keys = hidden["mask"][row, 0, last]
+        assert keys[:2].all()  # "<s> USER:" stays visible
+        assert torch.equal(keys[2:prefix_len], hidden["relevant"][k])
+        assert torch.equal(keys[prefix_len:], full["mask"][row, 0, last, prefix_len:])  # own question only
+    assert full["mask"][:, 0, :, :prefix_len].all()
+    half = ref._pack(questions, tok.pad_token_id, prefix_len, visible_fraction=0.5, gen=gen)
+    shown = half["mask"][half["q_row"], 0, half["q_last"], 2:prefix_len] & ~half["relevant"]
+    assert 0.4 < shown.sum() / (~half["relevant"]).sum() < 0.6
+
+
+def test_patch_targets_agree_with_the_object_masks_and_glyphs():
+    scene = next(sv.generate_scene(seed) for seed in range(50)
+                 if any(o.label is not None for o in sv.generate_scene(seed).objects))
+    targets = ref.patch_targets(scene)
+    assert targets.shape == (len(ref.PATCH_TARGETS), ref.NUM_IMAGE_TOKENS)
+    covered = np.zeros(ref.NUM_IMAGE_TOKENS, bool)
+    for o in scene.objects:
+        cover = o.patch_mask().reshape(-1)
+        covered |= cover
+        only = cover & ~np.any([p.patch_mask().reshape(-1) for p in scene.objects if p is not o], axis=0)
+        assert (targets[0, only] == 1 + list(sv.COLOURS).index(o.colour)).all()
+        assert (targets[1, only] == 1 + sv.SHAPES.index(o.shape)).all()
+        glyph = set(targets[2, only].tolist()) - {0}
+        assert glyph == (set() if o.label is None else {1 + list(sv.LABELS).index(o.label)})
+    assert (targets[:3, ~covered] == 0).all()
+    assert targets[3].sum() <= len(scene.objects) and targets[3, ~covered].sum() == 0
