@@ -108,10 +108,9 @@ def test_training_subset_keeps_positions_and_matches_a_pruned_forward():
             plm.logits(feats, ref._pack(questions, tok.pad_token_id, plm.prefix_len))[0])
     model.set_attn_implementation("eager")  # only to read the reference attention maps
     lm, embed = model.model.language_model, model.model.language_model.get_input_embeddings()
-    k = 0
+    head_len, k = len(plm.head_ids), 0
     for image, (qs, kept) in enumerate(zip(questions, keep)):
         for ids, _, _, relevant in qs:
-            head_len = len(plm.head_ids)
             embeds = torch.cat([embed(plm.head_ids), model.model.multi_modal_projector(feats[image, kept]),
                                 embed(torch.tensor(ids))])[None]
             positions = torch.cat([torch.arange(head_len), head_len + kept,

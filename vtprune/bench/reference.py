@@ -13,8 +13,8 @@ It is trained the way LLaVA is, on SynthVQA (:mod:`vtprune.bench.synthvqa`):
 (a) the vision tower is pretrained alone with a global objective on the pooled
     [CLS] output (multi-label prediction of the scene's attributes, through a
     linear head that is thrown away), so that [CLS] attention is meaningful,
-    plus a per-patch auxiliary (colour, shape, glyph, centroid, region, size of
-    the object under each patch) that makes the patch features informative;
+    plus a per-patch auxiliary (colour, shape, glyph ink and centroid of the
+    object under each patch) that makes the patch features informative;
 (b) the tower is frozen, its penultimate-layer patch features are computed once,
     and the projector + language model learn to answer SynthVQA train questions
     with the loss on the answer token only.  The val split picks the checkpoint;
@@ -707,8 +707,7 @@ def _pack(questions: list[list[Question]], pad_id: int, prefix_len: int,
     for r, qs in enumerate(questions):
         t = 0
         for ids, answer, family, patches in qs:
-            row = torch.zeros(NUM_IMAGE_TOKENS, dtype=torch.bool)
-            row[patches.long()] = True
+            row = _patch_row(patches)
             relevant.append(row)
             n = len(ids)
             suffix[r, t:t + n] = torch.tensor(ids)
@@ -729,15 +728,17 @@ def _pack(questions: list[list[Question]], pad_id: int, prefix_len: int,
     return packed
 
 
+def _patch_row(patches: torch.Tensor) -> torch.Tensor:
+    """Patch indices -> bool [576]."""
+    row = torch.zeros(NUM_IMAGE_TOKENS, dtype=torch.bool)
+    row[patches.long()] = True
+    return row
+
+
 def _training_subset(questions: list[list[Question]], n_tokens: int, gen: torch.Generator) -> torch.Tensor:
     """[images, K] sorted patch indices: every patch some question of the image is about, filled up
     with random other patches to ``K = max(n_tokens, largest such union in the batch)``."""
-    unions = []
-    for qs in questions:
-        on = torch.zeros(NUM_IMAGE_TOKENS, dtype=torch.bool)
-        for q in qs:
-            on[q[3].long()] = True
-        unions.append(on)
+    unions = [_patch_row(torch.cat([q[3] for q in qs])) for qs in questions]
     k = max(n_tokens, max(int(u.sum()) for u in unions))
     rows = []
     for on in unions:
