@@ -1,5 +1,4 @@
-"""MiniLLaVA reference model: its tokenizer, processor and training recipe. (Checkpoint tests come with the
-checkpoint: none is shipped yet.)"""
+"""MiniLLaVA reference model: the shipped checkpoint, its tokenizer, processor and training recipe."""
 from __future__ import annotations
 
 import json
@@ -16,6 +15,39 @@ TINY = dict(n_scenes=12, question_sets=2, vit_steps=2, vit_batch=4, lm_steps=3, 
             text_heads=2, text_kv_heads=1, text_intermediate=64, log_every=0, verbose=False,
             question_layers=(0,), ground_layers=(1,), ground_weight=1.0, subset_tokens=32, subset_steps=2,
             curriculum_steps=2)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    assert (ref.REFERENCE_DIR / "config.json").is_file(), f"no checkpoint in {ref.REFERENCE_DIR}"
+    model = LlavaForConditionalGeneration.from_pretrained(ref.REFERENCE_DIR)
+    processor = AutoProcessor.from_pretrained(ref.REFERENCE_DIR)
+    log = json.loads((ref.REFERENCE_DIR / "training_log.json").read_text())
+    return model.eval(), processor, log
+
+
+def test_shipped_checkpoint_is_a_llava_1_5_geometry_in_float32(shipped):
+    model, processor, log = shipped
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config.image_seq_length == ref.NUM_IMAGE_TOKENS
+    assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
+    assert model.config.text_config.num_hidden_layers >= 8
+    assert processor.tokenizer.padding_side == "left"
+    assert sum(p.stat().st_size for p in ref.REFERENCE_DIR.glob("*.safetensors")) < 30e6
+    assert log["test"]["accuracy"] >= 0.8
+
+
+def test_shipped_checkpoint_reproduces_recorded_subset_accuracy(shipped):
+    """Loaded with from_pretrained, it answers the first test questions exactly as recorded at training time."""
+    model, processor, log = shipped
+    recorded = log["test_subset"]
+    samples = sv.load_split("test", recorded["first"])
+    res = ref.evaluate(model, processor, samples, batch_size=16, return_predictions=True)
+    same = sum(p["prediction"] == q for p, q in zip(res["predictions"], recorded["predictions"]))
+    assert same >= len(samples) - 1  # one flip allowed for a different BLAS summation order
+    assert abs(round(res["accuracy"] * len(samples)) - recorded["correct"]) <= 1
 
 
 def test_tokenizer_round_trips_every_question_word():
@@ -176,3 +208,17 @@ def test_patch_targets_agree_with_the_object_masks_and_glyphs():
         assert glyph == (set() if o.label is None else {1 + list(sv.LABELS).index(o.label)})
     assert (targets[:3, ~covered] == 0).all()
     assert targets[3].sum() <= len(scene.objects) and targets[3, ~covered].sum() == 0
+
+
+def test_cli_bench_runs_the_shipped_checkpoint(shipped, tmp_path):
+    """`vtprune bench` with no --model measures the shipped MiniLLaVA: its unpruned accuracy is the evaluator's."""
+    from vtprune.cli import main
+
+    model, processor, _ = shipped
+    main(["bench", "--samples", "12", "--methods", "random", "--budgets", "64", "--out", str(tmp_path), "--no-plots"])
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert "MiniLLaVA" in report["model"]
+    unpruned = report["results"][0]
+    assert unpruned["method"] == "unpruned"
+    expected = ref.evaluate(model, processor, sv.load_split("test", 12))
+    assert unpruned["accuracy"] == pytest.approx(expected["accuracy"])

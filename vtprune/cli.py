@@ -3,34 +3,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-DEFAULT_SAMPLES = 120
-
-
-DEMO_NOTE = (
-    "NOTE: no trained reference checkpoint is shipped yet ({path} is missing), so this run uses the MiniLLaVA "
-    "architecture with RANDOM weights: accuracy numbers are meaningless; token counts, FLOPs and latency ratios "
-    "are real. Train one with `vtprune train-reference` or pass --model."
-)
+DEFAULT_SAMPLES = 480
 
 
 def _load(model_path: str | None, device: str):
-    """The model and processor to measure; the untrained MiniLLaVA architecture when nothing is shipped."""
+    """The model and processor to measure: ``model_path``, else the shipped MiniLLaVA checkpoint."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from vtprune.bench import reference
 
     path = model_path or str(reference.REFERENCE_DIR)
     if model_path is None and not (reference.REFERENCE_DIR / "config.json").exists():
-        print(DEMO_NOTE.format(path=reference.REFERENCE_DIR), file=sys.stderr)
-        torch.manual_seed(0)
-        model = LlavaForConditionalGeneration(reference.build_config()).to(device).eval()
-        return model, reference.build_processor()
+        raise SystemExit(f"no MiniLLaVA checkpoint in {reference.REFERENCE_DIR}: reinstall vtprune, retrain it with "
+                         "`vtprune train-reference`, or pass --model")
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device).eval()
     return model, AutoProcessor.from_pretrained(path)
 
