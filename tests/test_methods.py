@@ -26,11 +26,11 @@ def test_fastervlm_keeps_top_cls_attention_of_the_feature_block(monkeypatch):
     row = torch.tensor([(j % 7) + j / 1000 for j in range(N_VISUAL + 1)])
     calls = []
 
-    def fake(self, block, block_input):
+    def fake(self, trace, block, query_rows):
         calls.append(block)
-        return row.expand(block_input.shape[0], 4, -1)
+        return row.expand(trace.hidden_states[block].shape[0], 4, len(query_rows), -1)
 
-    monkeypatch.setattr(LlavaAdapter, "vit_cls_attention", fake)
+    monkeypatch.setattr(LlavaAdapter, "vision_attention", fake)
     stats = _run(model, "fastervlm", keep=8)
     patch_scores = row[1:]
     expected = patch_scores.argsort(descending=True, stable=True)[:8].sort().values
@@ -76,7 +76,7 @@ def test_divprune_is_more_diverse_than_random():
 def test_tome_delivers_size_weighted_mean_and_full_coverage():
     model = tiny_llava()
     stats = _run(model, "tome", keep=16)
-    sources = stats.sources[0]
+    sources = stats.dense_sources(0)
     assert sources.shape == (16, N_VISUAL)
     assert torch.equal(sources.sum(0), torch.ones(N_VISUAL))  # every patch in exactly one merged token
     centre = (sources @ torch.arange(N_VISUAL).float()) / sources.sum(-1)
@@ -87,7 +87,7 @@ def test_uniform_and_pool_geometry():
     model = tiny_llava()
     uniform = _kept(_run(model, "uniform", keep=9))
     assert uniform.tolist() == [7, 9, 11, 19, 21, 23, 31, 33, 35]  # stride 2 on the 6x6 grid, cell centres
-    pool = _run(model, "pool", keep=9).sources[0]
+    pool = _run(model, "pool", keep=9).dense_sources(0)
     assert torch.allclose(pool[0, [0, 1, 6, 7]], torch.full((4,), 0.25))
 
 

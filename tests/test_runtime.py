@@ -1,93 +1,17 @@
-"""Runtime behaviour on tiny random LLaVA models: identity at full budget, cache and batch parity, budgets,
-positions, per-layer caches and restoring the model."""
+"""Runtime mechanisms on tiny random LLaVA models: kept sets and positions, per-layer caches, and the transitions
+beyond dropping (merging inside the LLM, bringing tokens back, layer-0 drops, soft masks for training, decode-time
+eviction). Invariants across every family and method are in test_invariants.py."""
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import vtprune
-from vtprune.methods.fastv import _FastVDrop
 from vtprune.methods import Method
-from vtprune.runtime import DecodeOperator
+from vtprune.methods.fastv import _FastVDrop
+from vtprune.runtime import DecodeOperator, LayerOperator, Transition
 from conftest import N_VISUAL, batch, greedy, images, prompt, tiny_llava
-
-ALL = ["random", "uniform", "pool", "fastv", "fastervlm", "divprune", "tome"]
-PARAMS = {"tome": {"keep": 16}}  # in-ViT merging needs a budget the 3 tiny blocks can reach
-
-
-def budget(name: str) -> dict:
-    return PARAMS.get(name, {"keep": 9})
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("name", ALL)
-def test_full_budget_is_identity(name, attn, model, eager_model):
-    net = model if attn == "sdpa" else eager_model
-    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9])])
-    pixels = images(1)
-    with torch.no_grad():
-        ref = net(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        ref_tokens, ref_logits = greedy(net, ids, mask, pixels)
-        with vtprune.apply(net, name, keep=N_VISUAL):
-            out = net(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-            tokens, logits = greedy(net, ids, mask, pixels)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert torch.equal(tokens, ref_tokens)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-
-
-def _fixed_scores(self, ctx):
-    # A score independent of the query token, so recomputing without a cache ranks identically.
-    n = ctx.valid.shape[1]
-    return torch.arange(n, dtype=torch.float32).mul(7919).remainder(97).expand_as(ctx.valid)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_cache_parity(name, model, monkeypatch):
-    """Pruned generate with the KV cache == recomputing the pruned sequence from scratch at every step."""
-    monkeypatch.setattr(_FastVDrop, "scores", _fixed_scores)
-    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9]), prompt([2], [4, 4, 8, 9])])
-    pixels = images(2)
-    with torch.no_grad(), vtprune.apply(model, name, **budget(name)):
-        cached = greedy(model, ids, mask, pixels)
-        recomputed = greedy(model, ids, mask, pixels, use_cache=False)
-    assert torch.equal(cached[0], recomputed[0])
-    torch.testing.assert_close(cached[1], recomputed[1], atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_batch_parity_left_padding_and_ragged_counts(name, model):
-    """A left-padded batch (different lengths, images, and image counts -> different kept counts) == single runs."""
-    prompts = [prompt([1, 5], [7, 8, 9, 10, 11]), prompt([2], [4], images=2), prompt([1, 2, 3, 4, 5, 6], [9])]
-    pixels = images(4, seed=3)
-    per_sample = [pixels[0:1], pixels[1:3], pixels[3:4]]
-    ids, mask = batch(prompts)
-    with torch.no_grad(), vtprune.apply(model, name, **budget(name)) as pruner:
-        tokens, logits = greedy(model, ids, mask, pixels)
-        counts = pruner.stats.visual_tokens.clone()
-        for row, (tokens_row, pix) in enumerate(zip(prompts, per_sample)):
-            single_ids, single_mask = batch([tokens_row])
-            single_tokens, single_logits = greedy(model, single_ids, single_mask, pix)
-            assert torch.equal(tokens[row], single_tokens[0]), f"sample {row}"
-            torch.testing.assert_close(logits[row], single_logits[0], atol=1e-4, rtol=1e-4)
-            assert torch.equal(counts[row], pruner.stats.visual_tokens[0])
-    assert counts[1, -1] == 2 * counts[0, -1]
-
-
-@pytest.mark.parametrize("name,keep", [(n, k) for n in ALL for k in (4, 9, 16) if n not in ("tome", "pool")]
-                         + [("pool", 4), ("pool", 9), ("pool", 12), ("tome", 16), ("tome", 20)])
-def test_exact_budget_and_stats(name, keep, model):
-    ids, mask = batch([prompt([1, 5], [7, 8]), prompt([3], [6, 6, 6])])
-    with torch.no_grad(), vtprune.apply(model, name, keep=keep) as pruner:
-        model(input_ids=ids, attention_mask=mask, pixel_values=images(2))
-    layers = len(model.model.language_model.layers)
-    expected = torch.full((2, layers), keep)
-    if name == "fastv":
-        expected[:, :1] = N_VISUAL  # 4 layers: K = max(1, round(2 * 4 / 32)) = 1
-    assert torch.equal(pruner.stats.visual_tokens, expected)
-    assert torch.equal(pruner.stats.original_visual_tokens, torch.tensor([N_VISUAL, N_VISUAL]))
-    for b in range(2):
-        assert len(pruner.stats.final_tokens[b]) == keep
 
 
 def test_fastv_exact_kept_set_and_original_positions(model, monkeypatch):
@@ -124,22 +48,48 @@ def test_fastv_exact_kept_set_and_original_positions(model, monkeypatch):
     assert pruner.stats.visual_tokens[0].tolist() == [N_VISUAL, N_VISUAL, 6, 6]
 
 
-def test_renumbered_positions_continue_during_decode(model):
-    """With positions='renumber', the kept sequence is contiguous and decoding continues right after it."""
-    seen = []
+def _positions_seen(model, steps: int, **params) -> list[list[torch.Tensor]]:
+    """position_ids handed to every decoder layer, per forward (prefill, then each decode step)."""
+    seen: list[list[torch.Tensor]] = []
+    layers = model.model.language_model.layers
 
-    def spy(module, args, kwargs):
-        seen.append(kwargs["position_ids"].clone())
+    def spy(index):
+        def hook(module, args, kwargs):
+            if index == 0:
+                seen.append([])
+            seen[-1].append(kwargs["position_ids"][0].clone())
+        return hook
 
     ids, mask = batch([prompt([1, 5, 6], [7, 8, 9])])
-    layer0 = model.model.language_model.layers[0]
-    with torch.no_grad(), vtprune.apply(model, "uniform", keep=4, positions="renumber"):
-        handle = layer0.register_forward_pre_hook(spy, with_kwargs=True)
-        greedy(model, ids, mask, images(1), steps=3)
+    with torch.no_grad(), vtprune.apply(model, **params):  # spies after the pruner's hooks: they see what layers get
+        handles = [layer.register_forward_pre_hook(spy(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        greedy(model, ids, mask, images(1), steps=steps)
+    for handle in handles:
         handle.remove()
-    n_kept = ids.shape[1] - N_VISUAL + 4
+    return seen
+
+
+def test_renumbered_positions_continue_during_decode(model):
+    """With positions='renumber', the kept sequence is contiguous and decoding continues right after it."""
+    seen = _positions_seen(model, 3, method="uniform", keep=4, positions="renumber")
+    n_kept = 3 + 4 + 1 + 3
     assert torch.equal(seen[0][0], torch.arange(n_kept))
-    assert [int(p[0, -1]) for p in seen[1:]] == [n_kept, n_kept + 1]
+    assert [int(step[0][-1]) for step in seen[1:]] == [n_kept, n_kept + 1]
+
+
+def test_fastv_renumber_renumbers_layers_after_k_only(model):
+    """FastV positions='renumber': layers < K keep the original positions, layers >= K count only the survivors,
+    in prefill and in every decode step (each layer decodes with its own positions)."""
+    seen = _positions_seen(model, 3, method="fastv", keep=4, layer=2, positions="renumber")
+    n = 3 + N_VISUAL + 1 + 3
+    kept = n - N_VISUAL + 4
+    prefill = seen[0]
+    assert torch.equal(prefill[1], torch.arange(n)) and torch.equal(prefill[2], torch.arange(kept))
+    for step, positions in enumerate(seen[1:]):
+        assert int(positions[0][-1]) == n + step and int(positions[1][-1]) == n + step
+        assert int(positions[2][-1]) == kept + step and int(positions[3][-1]) == kept + step
+    original = _positions_seen(model, 2, method="fastv", keep=4, layer=2)
+    assert not torch.equal(original[0][2], prefill[2])
 
 
 def test_in_llm_drop_gives_per_layer_cache_lengths(model):
@@ -149,28 +99,203 @@ def test_in_llm_drop_gives_per_layer_cache_lengths(model):
     lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
     n = ids.shape[1]
     assert lengths == [n, n, n - N_VISUAL + 5, n - N_VISUAL + 5]
+    assert out.past_key_values.get_seq_length() == n  # the logical length: tokens seen, not entries kept
+
+
+class _Scripted(Method):
+    """A test method whose operators are given directly."""
+
+    name = "scripted"
+    paper = "test"
+    stages = ("layer", "decode")
+
+    def __init__(self, *ops, **values) -> None:
+        super().__init__(**values)
+        self.ops = list(ops)
+
+    def operators(self, adapter):
+        return self.ops
+
+
+class _Drop(LayerOperator):
+    """Keep visual tokens whose row number is even (or: merge each odd one into the even one after it)."""
+
+    needs_previous_input = False
+
+    def __init__(self, layer: int, merge: bool = False) -> None:
+        self.layers, self.merge = (layer,), merge
+
+    def transform(self, ctx):
+        keep = ctx.rows % 2 == 0
+        merge_into = None
+        if self.merge:
+            merge_into = torch.where(ctx.candidate & ~keep, torch.arange(ctx.rows.shape[1]) + 1, -1)
+        return Transition(keep=keep, merge_into=merge_into)
+
+
+class _Restore(LayerOperator):
+    """Bring back every visual token of the LLM-input sequence that is not present, with its layer-0 state."""
+
+    needs_previous_input = False
+
+    def __init__(self, layer: int) -> None:
+        self.layers = (layer,)
+
+    def transform(self, ctx):
+        present = torch.zeros_like(ctx.universe_visual).scatter(1, ctx.rows.clamp_min(0), ctx.valid)
+        missing = ctx.universe_visual & ~present
+        rows = torch.where(missing, torch.arange(missing.shape[1]), -1)
+        hidden = ctx.universe_hidden
+        return Transition(restore=rows, restore_hidden=hidden)
+
+
+def _inputs_per_layer(model, params, ids, mask, pixels):
+    seen = {}
+
+    def spy(index):
+        def hook(module, args, kwargs):
+            seen[index] = (args[0] if args else kwargs["hidden_states"]).clone()
+        return hook
+
+    with torch.no_grad(), vtprune.apply(model, params) as pruner:
+        handles = [layer.register_forward_pre_hook(spy(i), with_kwargs=True)
+                   for i, layer in enumerate(model.model.language_model.layers)]
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+    for handle in handles:
+        handle.remove()
+    return seen, pruner.stats, out
+
+
+def test_merge_inside_the_llm_is_a_size_weighted_mean(model):
+    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9])])
+    pixels = images(1)
+    plain, _, _ = _inputs_per_layer(model, _Scripted(_Drop(2)), ids, mask, pixels)
+    merged, stats, _ = _inputs_per_layer(model, _Scripted(_Drop(2, merge=True)), ids, mask, pixels)
+    # Rows 0-2 are text, 3-38 the image: odd row 3 merges into even row 4, which moves to index 3 after the drop.
+    layer_one = _inputs_per_layer(model, _Scripted(), ids, mask, pixels)[0][2]
+    torch.testing.assert_close(merged[2][0, 3], (layer_one[0, 3] + layer_one[0, 4]) / 2)
+    torch.testing.assert_close(plain[2][0, 3], layer_one[0, 4])
+    assert not torch.equal(plain[2][0, 3], merged[2][0, 3])
+    assert stats.visual_tokens[0].tolist() == [N_VISUAL, N_VISUAL, N_VISUAL // 2, N_VISUAL // 2]
+    assert bool(stats.kept_patches(0).all())  # every dropped token lives on in the token it merged into
+
+
+def test_restored_tokens_rejoin_in_order_with_three_cache_lengths(model):
+    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9]), prompt([2], [4, 4])])
+    pixels = images(2)
+    method = _Scripted(_Drop(1), _Restore(3))
+    seen, stats, out = _inputs_per_layer(model, method, ids, mask, pixels)
+    n = ids.shape[1]
+    assert stats.visual_tokens[0].tolist() == [N_VISUAL, N_VISUAL // 2, N_VISUAL // 2, N_VISUAL]
+    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [n, n - N_VISUAL // 2,
+                                                                              n - N_VISUAL // 2, n]
+    assert seen[3].shape[1] == n
+    # Restored with their layer-0 state: row 3 (patch 0, dropped at layer 1) enters layer 3 as its LLM input
+    # embedding; row 4 (patch 1, never dropped) does not.
+    embeddings = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+    torch.testing.assert_close(seen[3][0, 3], embeddings[0])
+    assert not torch.allclose(seen[3][0, 4], embeddings[1])
+    with torch.no_grad(), vtprune.apply(model, _Scripted(_Drop(1), _Restore(3))):
+        cached = greedy(model, ids, mask, pixels)
+        recomputed = greedy(model, ids, mask, pixels, use_cache=False)
+    assert torch.equal(cached[0], recomputed[0])
+    torch.testing.assert_close(cached[1], recomputed[1], atol=1e-4, rtol=1e-4)
+
+
+def test_layer_zero_drop_equals_pre_llm_selection(model):
+    """Dropping before layer 0 (no attention needed) = selecting the same tokens before the LLM."""
+    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9])])
+    pixels = images(1)
+    with torch.no_grad():
+        with vtprune.apply(model, _Scripted(_Drop(0))) as pruner:
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -1]
+        kept = pruner.stats.kept_patches(0)
+    assert kept.sum() == N_VISUAL // 2 and pruner.stats.visual_tokens[0].tolist() == [N_VISUAL // 2] * 4
+    even = torch.arange(N_VISUAL)[kept]
+    assert torch.equal(even, torch.arange(0, N_VISUAL, 2) + (3 % 2))  # rows 3, 5, ... are patches 0, 2, ...
+    with torch.no_grad(), vtprune.apply(model, "uniform", keep=N_VISUAL) as full:
+        reference = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -1]
+    assert full.stats is not None and not torch.allclose(logits, reference)
+
+
+class _Threshold(LayerOperator, nn.Module):
+    """A trainable test operator: keep a token when its (fixed) score exceeds a learned threshold; soft in training."""
+
+    def __init__(self, layer: int, sharpness: float = 1e4) -> None:
+        nn.Module.__init__(self)
+        self.layers, self.sharpness = (layer,), sharpness
+        self.threshold = nn.Parameter(torch.tensor(0.5))
+
+    def transform(self, ctx):
+        score = (ctx.rows.float() * 0.37).remainder(1.0)
+        if ctx.training:
+            return Transition(weight=torch.sigmoid(self.sharpness * (score - self.threshold)))
+        return Transition(keep=score > self.threshold)
+
+
+def test_soft_mask_with_binary_weights_equals_the_physical_drop(model):
+    """Training mode keeps every token and masks them softly; at 0/1 weights the text logits equal the physically
+    pruned forward (hard mode = soft mode > 0.5), and the threshold gets a gradient."""
+    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9]), prompt([2], [4, 4])])
+    pixels = images(2)
+    operator = _Threshold(2)
+    pruner = vtprune.apply(model, _Scripted(operator))
+    try:
+        with torch.no_grad():
+            hard = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+            positions = pruner.stats.output_positions
+        pruner.train()
+        soft = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        soft_positions = pruner.stats.output_positions
+        assert pruner.stats.visual_tokens[:, -1].tolist() == [N_VISUAL, N_VISUAL]  # every token stays
+        for b in range(2):
+            text = torch.isin(soft_positions[b], positions[b][positions[b] >= 0]) & (soft_positions[b] >= 0)
+            torch.testing.assert_close(soft[b][text], hard[b][positions[b] >= 0], atol=1e-4, rtol=1e-4)
+        operator.sharpness = 5.0
+        model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits[:, -1].sum().backward()
+        assert operator.threshold.grad is not None and operator.threshold.grad != 0
+        state = pruner.state_dict()
+        assert set(state) == {"0.threshold"}
+    finally:
+        pruner.remove()
+    restored = _Threshold(2)
+    with vtprune.apply(model, _Scripted(restored)) as again:
+        again.load_state_dict({"0.threshold": torch.tensor(0.25)})
+    assert restored.threshold.item() == 0.25
+
+
+def test_generation_is_refused_after_a_soft_prefill(model):
+    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9])])
+    with vtprune.apply(model, _Scripted(_Threshold(2))) as pruner, torch.no_grad():
+        pruner.train()
+        with pytest.raises(RuntimeError, match=r"call pruner.eval\(\) before generating"):
+            model.generate(input_ids=ids, attention_mask=mask, pixel_values=images(1), max_new_tokens=2)
 
 
 class _TrimVisualCache(DecodeOperator):
-    """Test operator: drop every visual entry from the KV cache of layers >= 2 after prefill."""
+    """Drop every visual entry from the KV cache of layers >= 2 right after prefill."""
 
     def trim(self, ctx):
-        return {layer: torch.zeros_like(ctx.cache_visual[layer]) for layer in (2, 3)}
+        return {layer: torch.zeros_like(ctx.visual[layer]) for layer in (2, 3)}
 
 
-class _TrimMethod(Method):
-    name = "trim-test"
-    paper = "test"
-    stages = ("decode",)
+class _EvictAtStep(DecodeOperator):
+    """Evict every visual entry of layers 2 and 3 at the first decode step, compacting every ``interval`` steps."""
 
-    def operators(self, adapter):
-        return [_TrimVisualCache()]
+    step_layers = (2, 3)
+
+    def __init__(self, interval: int = 1) -> None:
+        self.compact_interval = interval
+
+    def step(self, ctx):
+        assert ctx.query_attention().shape[-1] == ctx.keys.shape[2]
+        return ctx.visual if ctx.step == 0 else None
 
 
 def test_decode_stage_trims_kv_cache_and_keeps_generating(model):
     ids, mask = batch([prompt([1, 5, 6], [7, 8, 9]), prompt([2], [4, 4])])
     pixels = images(2)
-    with torch.no_grad(), vtprune.apply(model, _TrimMethod()):
+    with torch.no_grad(), vtprune.apply(model, _Scripted(_TrimVisualCache())):
         out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
                              do_sample=False, return_dict_in_generate=True)
     lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
@@ -179,44 +304,44 @@ def test_decode_stage_trims_kv_cache_and_keeps_generating(model):
     assert lengths == [n + 2, n + 2, n - N_VISUAL + 2, n - N_VISUAL + 2]
 
 
-def _snapshot(model):
-    return (
-        repr(model),
-        {k: v.clone() for k, v in model.state_dict().items()},
-        [(name, dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model.named_modules()],
-        dict(model.model.__dict__).get("get_image_features"),
-    )
+@pytest.mark.parametrize("interval", [1, 10])
+def test_per_step_eviction_equals_masking_the_same_entries(model, interval):
+    """Evicting at the first decode step gives the logits of removing the same entries right after prefill
+    (i.e. of attention with those entries masked), whether the cache is compacted at once or later."""
+    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9]), prompt([2], [4, 4])])
+    pixels = images(2)
+    with torch.no_grad():
+        with vtprune.apply(model, _Scripted(_TrimVisualCache())):
+            reference = greedy(model, ids, mask, pixels, steps=5)
+        with vtprune.apply(model, _Scripted(_EvictAtStep(interval))):
+            out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=5,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+    tokens, logits = out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
+    assert torch.equal(tokens, reference[0])
+    torch.testing.assert_close(logits, reference[1], atol=1e-5, rtol=1e-5)
+    lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+    n = ids.shape[1]
+    if interval == 1:
+        assert lengths[2:] == [n - N_VISUAL + 4] * 2
+    else:
+        assert lengths[2:] == [n + 4] * 2  # masked, not yet compacted
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_remove_restores_model_exactly(name):
-    model = tiny_llava(seed=2)
-    ids, mask = batch([prompt([1, 5], [7, 8])])
+def test_labels_are_aligned_to_the_pruned_output():
+    """A loss with labels: equal to the unpruned loss at full budget, and over the same answer tokens when pruned."""
+    model = tiny_llava(seed=6)
+    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9, 10, 11])])
+    labels = torch.full_like(ids, -100)
+    labels[:, -3:] = ids[:, -3:]
     pixels = images(1)
     with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-        before = _snapshot(model)  # after a plain forward: transformers installs its own capture hooks lazily
-        pruner = vtprune.apply(model, name, **budget(name))
-        model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-        pruner.remove()
-        after = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    snapshot = _snapshot(model)
-    assert snapshot[0] == before[0] and snapshot[2] == before[2] and snapshot[3] is before[3] is None
-    assert all(torch.equal(before[1][k], v) for k, v in snapshot[1].items())
-    assert torch.equal(after, ref)
-    assert all("forward" not in layer.__dict__ for layer in model.model.vision_tower.encoder.layers)
-
-
-@pytest.mark.parametrize("name", ["fastv", "divprune"])
-def test_cache_and_batch_parity_with_eager_attention(name, eager_model, monkeypatch):
-    monkeypatch.setattr(_FastVDrop, "scores", _fixed_scores)
-    prompts = [prompt([1, 5], [7, 8, 9, 10]), prompt([2], [4], images=2)]
-    pixels = images(3, seed=8)
-    ids, mask = batch(prompts)
-    with torch.no_grad(), vtprune.apply(eager_model, name, keep=6):
-        cached = greedy(eager_model, ids, mask, pixels)
-        recomputed = greedy(eager_model, ids, mask, pixels, use_cache=False)
-        single = greedy(eager_model, *batch([prompts[1]]), pixels[1:])
-    assert torch.equal(cached[0], recomputed[0]) and torch.equal(cached[0][1], single[0][0])
-    torch.testing.assert_close(cached[1], recomputed[1], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(cached[1][1], single[1][0], atol=1e-4, rtol=1e-4)
+        reference = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+        with vtprune.apply(model, "uniform", keep=N_VISUAL):
+            full = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels).loss
+        with vtprune.apply(model, "fastv", keep=4) as pruner:
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+    torch.testing.assert_close(full, reference)
+    positions = pruner.stats.output_positions[0]
+    aligned = torch.where(positions >= 0, labels[0][positions.clamp_min(0)], -100)
+    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], aligned[1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from vtprune.methods import REGISTRY, Method, get_method
+from vtprune.methods import REGISTRY, Method, get_method, support_matrix
 from vtprune.runtime import Pruner, Stats
 
 __version__ = "0.1.0"
@@ -36,4 +36,4 @@ def methods() -> list[dict[str, Any]]:
     return [REGISTRY[name].describe() for name in sorted(REGISTRY)]
 
 
-__all__ = ["Method", "Pruner", "Stats", "apply", "methods"]
+__all__ = ["Method", "Pruner", "Stats", "apply", "methods", "support_matrix"]

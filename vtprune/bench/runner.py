@@ -24,6 +24,7 @@ from vtprune.bench.flops import prefill_flops, text_config_dims
 from vtprune.bench.memory import PeakMemory
 from vtprune.bench.reference import closed_prediction
 from vtprune.methods import get_method
+from vtprune.runtime import encode_images
 
 DEFAULT_BUDGETS = (64, 128, 192)
 
@@ -38,15 +39,10 @@ class Config:
     def label(self) -> str:
         return "unpruned" if self.method is None else f"{self.method}@{self.budget}"
 
-    def pruner(self, model, vision_cache: dict[int, Any] | None = None):
+    def pruner(self, model):
         if self.method is None:
             return contextlib.nullcontext()
-        pruner = vtprune.apply(model, self.method, **self.params)
-        if vision_cache is not None and not pruner.vision_ops:
-            # The ViT output does not depend on the method here: reuse each batch's, keyed by its pixel tensor.
-            encode = pruner.adapter.encode_images
-            pruner.adapter.encode_images = lambda pixels: vision_cache.get(id(pixels)) or encode(pixels)
-        return pruner
+        return vtprune.apply(model, self.method, **self.params)
 
 
 def configs(methods: Sequence[str], budgets: Sequence[int]) -> list[Config]:
@@ -64,11 +60,17 @@ def _batches(processor, samples: Sequence[sv.Sample], batch_size: int, prompt) -
 
 def encode_batches(model, batches) -> dict[int, Any]:
     """ViT outputs of every batch, for configurations whose methods leave the ViT alone."""
-    from vtprune.models import adapter_for
+    return {id(b["pixel_values"]): encode_images(model, pixel_values=b["pixel_values"]) for b in batches}
 
-    adapter = adapter_for(model)
-    with torch.no_grad():
-        return {id(b["pixel_values"]): adapter.encode_images(b["pixel_values"]) for b in batches}
+
+def _model_inputs(inputs: dict[str, torch.Tensor], pruner, vision_cache: dict[int, Any] | None) -> dict[str, Any]:
+    """The batch, with its cached ViT output in place of the pixels when the method leaves the ViT alone."""
+    if vision_cache is None or (pruner is not None and pruner.vision_ops):
+        return inputs
+    encoded = vision_cache.get(id(inputs["pixel_values"]))
+    if encoded is None:
+        return inputs
+    return {**{k: v for k, v in inputs.items() if k != "pixel_values"}, "mm_encoder_outputs": {"image": encoded}}
 
 
 def evaluate(model, processor, samples, config: Config, batches, prompt,
@@ -82,8 +84,8 @@ def evaluate(model, processor, samples, config: Config, batches, prompt,
     keep_frequency = np.zeros((grid, grid))
     offset = 0
     for inputs in batches:
-        with torch.no_grad(), config.pruner(model, vision_cache) as pruner:
-            logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+        with torch.no_grad(), config.pruner(model) as pruner:
+            logits = model(**_model_inputs(inputs, pruner, vision_cache), logits_to_keep=1).logits[:, -1]
         chunk = samples[offset:offset + logits.shape[0]]
         text_tokens = inputs["attention_mask"].sum(1) - (inputs["input_ids"] == model.config.image_token_id).sum(1)
         for i, sample in enumerate(chunk):

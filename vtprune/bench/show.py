@@ -40,8 +40,9 @@ def show(model, processor, sample, method: str, out: Path, prompt, **params) -> 
     with torch.no_grad(), vtprune.apply(model, method, **params) as pruner:
         model(**inputs, logits_to_keep=1)
     stats = pruner.stats
-    grid = int(round(stats.sources[0].shape[1] ** 0.5))
-    overlay = kept_token_overlay(sample.image, stats.sources[0], stats.final_tokens[0], grid)
+    sources = stats.dense_sources(0)
+    grid = int(round(sources.shape[1] ** 0.5))
+    overlay = kept_token_overlay(sample.image, sources, stats.final_tokens[0], grid)
     canvas = Image.new("RGB", (sample.image.width * 2 + 8, sample.image.height + 40), "white")
     canvas.paste(sample.image.convert("RGB"), (0, 40))
     canvas.paste(overlay, (sample.image.width + 8, 40))

@@ -1,5 +1,14 @@
 """Token-reduction methods, one file each, and their registry."""
-from vtprune.methods.base import REGISTRY, Method, Param, get_method, register, scaled_layer
+from vtprune.methods.base import (
+    REGISTRY,
+    Method,
+    Param,
+    get_method,
+    register,
+    scaled_layer,
+    support_matrix,
+    supported_methods,
+)
 from vtprune.methods.divprune import DivPrune
 from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
@@ -20,4 +29,6 @@ __all__ = [
     "get_method",
     "register",
     "scaled_layer",
+    "support_matrix",
+    "supported_methods",
 ]

@@ -1,7 +1,7 @@
 """DivPrune: keep a maximally diverse subset of the projected visual tokens."""
 from __future__ import annotations
 
-from vtprune.methods.base import POSITION_PARAM_DOC, Method, Param, register
+from vtprune.methods.base import Method, register
 from vtprune.models.base import Adapter
 from vtprune.ops import max_min_diversity
 from vtprune.runtime.operators import PreLLMContext, PreLLMOperator, Reduction
@@ -12,10 +12,9 @@ class _Diverse(PreLLMOperator):
         self.method = method
 
     def reduce(self, ctx: PreLLMContext) -> list[Reduction]:
-        keep = self.method.budget(ctx.features.shape[1])
         return [
-            Reduction.select(ctx.features[i], ctx.sources[i], max_min_diversity(ctx.features[i].detach(), keep))
-            for i in range(ctx.features.shape[0])
+            Reduction.select(image, max_min_diversity(image.features.detach(), self.method.budget(len(image.features))))
+            for image in ctx.images
         ]
 
 
@@ -27,18 +26,21 @@ class DivPrune(Method):
     Stage: ``pre_llm``, on the *projected* visual tokens (LLM embedding space). Solves the max-min diversity problem
     greedily under cosine distance: first the token whose nearest neighbour is farthest, then repeatedly the token
     farthest from the selected set (float32, running min-distance vector; ties to the lowest index). Text-agnostic,
-    needs no attention. Kept tokens in raster order.
+    needs no attention. Kept tokens in raster order. The selection is over all of an image's tokens jointly
+    (LLaVA-NeXT: base image, crops and newline tokens, as the reference code does).
 
     Defaults: ratio 0.098 (the repository's SUBSET_RATIO; 56 of 576). Positions: renumbered, as in the official
-    LLaVA pipeline. Budget convention: visual tokens per image entering the LLM (selection is per image).
+    LLaVA pipeline (on Qwen2-VL the original 3-D positions, as LightCompress' Qwen2.5-VL port does). Budget
+    convention: visual tokens per image entering the LLM (selection is per image).
     """
 
     name = "divprune"
     paper = "arXiv 2503.02175 (CVPR 2025)"
     stages = ("pre_llm",)
     default_ratio = 0.098
-    params = (Param("positions", "renumber", POSITION_PARAM_DOC, ("original", "renumber")),)
+    default_positions = "renumber"
+    default_separators = "candidates"
 
     def operators(self, adapter: Adapter) -> list:
-        self.budget(adapter.tokens_per_image)
+        self.check_budget(adapter)
         return [_Diverse(self)]

@@ -1,9 +1,10 @@
 """FasterVLM: keep the patches the ViT's [CLS] token attends to most."""
 from __future__ import annotations
 
-from vtprune.methods.base import POSITION_PARAM_DOC, Method, Param, register
+from vtprune.methods.base import Method, register
+from vtprune.methods.scoring import cls_attention
 from vtprune.models.base import Adapter
-from vtprune.ops import topk_indices
+from vtprune.ops import group_topk
 from vtprune.runtime.operators import PreLLMContext, PreLLMOperator, Reduction
 
 
@@ -12,8 +13,15 @@ class _ClsTopK(PreLLMOperator):
         self.method = method
 
     def reduce(self, ctx: PreLLMContext) -> list[Reduction]:
-        keep = topk_indices(ctx.cls_attention, self.method.budget(ctx.features.shape[1]))
-        return [Reduction.select(ctx.features[i], ctx.sources[i], keep[i]) for i in range(keep.shape[0])]
+        reductions = []
+        for image in ctx.images:
+            scores = cls_attention(ctx, image)
+            view = image.partition.masked_fill(scores == float("-inf"), -1)
+            counts = image.partition.new_zeros(image.layout.num_partitions).scatter_add_(
+                0, view.clamp_min(0), (view >= 0).long())
+            keep = group_topk(scores[None], view[None], self.method.budgets(counts)[None])[0]
+            reductions.append(Reduction.select(image, keep.nonzero().flatten()))
+        return reductions
 
 
 @register
@@ -22,20 +30,27 @@ class FasterVLM(Method):
     arXiv 2412.01818 **v1** (v2 of that id is a different method, VisPruner).
 
     Stage: ``pre_llm``. Score = head-mean [CLS] -> patch attention of the ViT block whose output feeds the projector
-    (``vision_feature_layer=-2`` -> block 22 of CLIP-L), recomputed from that block's input through its own q/k
-    (the [CLS] row only). Top ``keep`` per image, kept in raster order; the LLM runs unmodified on the shorter
-    sequence.
+    (``vision_feature_layer=-2`` -> block 22 of CLIP-L; a per-call ``vision_feature_layer`` moves it), recomputed
+    from that block's input through its own q/k (the [CLS] row only). Top ``keep`` per 336-px view (LLaVA-1.5: the
+    image; LLaVA-NeXT: the base image and every crop, each with its own [CLS] row), kept in raster order; the LLM runs
+    unmodified on the shorter sequence. Needs a [CLS] token: refused on Qwen2-VL.
 
     Defaults: ratio 0.25 (the README's R=75%, 144 of 576). Positions: renumbered, as the official LLaVA pipeline
-    feeds the pruned sequence contiguously. Budget convention: visual tokens per image entering the LLM.
+    feeds the pruned sequence contiguously. LLaVA-NeXT newline tokens are all kept, as in the official code.
+    Departure: on LLaVA-NeXT the official code ranks a crop's tokens before unpadding, so tokens in the padding are
+    kept and then removed (fewer than ``keep``); here the ranking is among the tokens that reach the LLM, so every
+    view keeps exactly ``keep`` (or all it has). Budget convention: visual tokens per view entering the LLM.
     """
 
     name = "fastervlm"
     paper = "arXiv 2412.01818 v1"
     stages = ("pre_llm",)
+    budget_convention = "visual tokens per 336-px view entering the LLM (LLaVA-NeXT: base image and each crop)"
     default_ratio = 0.25
-    params = (Param("positions", "renumber", POSITION_PARAM_DOC, ("original", "renumber")),)
+    default_positions = "renumber"
+    default_separators = "keep"
+    requires = frozenset({"cls"})
 
     def operators(self, adapter: Adapter) -> list:
-        self.budget(adapter.tokens_per_image)
+        self.check_budget(adapter, per="view")
         return [_ClsTopK(self)]

@@ -1,31 +1,25 @@
 """FastV: drop visual tokens inside the LLM by the attention they receive at layer K-1."""
 from __future__ import annotations
 
-import torch
-
-from vtprune.methods.base import POSITION_PARAM_DOC, Method, Param, register, scaled_layer
+from vtprune.methods.base import Method, Param, register, scaled_layer
+from vtprune.methods.scoring import attention_received
 from vtprune.models.base import Adapter
-from vtprune.ops import topk_indices
-from vtprune.runtime.operators import LayerContext, LayerOperator
+from vtprune.ops import group_topk
+from vtprune.runtime.operators import LayerContext, LayerOperator, Transition
 
 
 class _FastVDrop(LayerOperator):
-    def __init__(self, method: "FastV", layer: int, tokens_per_image: int) -> None:
-        self.method, self.layers, self.tokens_per_image = method, (layer,), tokens_per_image
+    def __init__(self, method: FastV, layer: int) -> None:
+        self.method, self.layers = method, (layer,)
 
-    def scores(self, ctx: LayerContext) -> torch.Tensor:
+    def scores(self, ctx: LayerContext):
         """Score per token [B, n]: head-mean attention from the chosen query rows of layer K-1."""
-        return ctx.attention_from(self.method.query)
+        return attention_received(ctx, self.method.query)
 
-    def select(self, ctx: LayerContext) -> torch.Tensor:
-        scores = self.scores(ctx).masked_fill(~ctx.visual, -float("inf"))
-        keep = torch.zeros_like(ctx.visual)
-        per_image = self.method.budget(self.tokens_per_image)
-        for b in range(scores.shape[0]):
-            images = int(ctx.original_visual[b]) // self.tokens_per_image
-            k = min(per_image * images, int(ctx.visual[b].sum()))
-            keep[b, topk_indices(scores[b], k)] = True
-        return keep
+    def transform(self, ctx: LayerContext) -> Transition:
+        group = ctx.image.masked_fill(~ctx.candidate, -1)
+        keep = group_topk(self.scores(ctx), group, self.method.budgets(ctx.image_candidates))
+        return Transition(keep=keep)
 
 
 @register
@@ -35,12 +29,15 @@ class FastV(Method):
     Stage: ``layer`` (LLM prefill). Before decoder layer K, visual tokens are ranked by the head-mean attention they
     receive from the last prompt token at layer K-1 (the official code's row; ``query='all'`` / ``'text'`` give the
     paper text's variants), recomputed from layer K-1's own q/k with RoPE and GQA — no eager attention. The top
-    ``keep`` per image survive for all later layers and for decoding (in-place drop + KV cache variant); others
-    are gone from layers >= K. Text tokens are never dropped.
+    ``keep`` of every image survive for all later layers and for decoding (in-place drop + KV cache variant);
+    others are gone from layers >= K. Text tokens are never dropped.
 
     Defaults (paper headline): K=2 for a 32-layer LLM, scaled proportionally to other depths
-    (``max(1, round(2 * L / 32))``); ratio 0.5 (R=50%). Positions: original RoPE positions (as in the official code).
-    Budget convention (a): ``keep`` = visual tokens per image kept *after* layer K; layers < K see all of them.
+    (``max(1, round(2 * L / 32))``); ratio 0.5 (R=50%). Positions: original RoPE positions (as in the official code);
+    ``positions='renumber'`` renumbers the survivors for layers >= K (layers < K keep the original positions, each
+    layer then decodes with its own). LLaVA-NeXT newline tokens are ranked like any image token (the official code
+    prunes the whole image span). Budget convention (a): ``keep`` = visual tokens *per image* kept after layer K (the
+    official code ranks one prompt's images jointly; per image keeps every image represented); layers < K see all.
     The layer-averaged equivalent is ``pruner.stats.mean_visual_tokens``.
     """
 
@@ -49,14 +46,15 @@ class FastV(Method):
     stages = ("layer",)
     budget_convention = "visual tokens per image kept after layer K (layers < K see all)"
     default_ratio = 0.5
+    default_separators = "candidates"
     params = (
-        Param("layer", None, "K: tokens are dropped before decoder layer K (None: 2 of 32, scaled to the depth)"),
-        Param("query", "last", "attention rows that score tokens", ("last", "all", "text")),
-        Param("positions", "original", POSITION_PARAM_DOC, ("original", "renumber")),
+        Param("layer", None, "K: tokens are dropped before decoder layer K (None: 2 of 32, scaled to the depth)", int,
+              low=0),
+        Param("query", "last", "attention rows that score tokens", str, ("last", "all", "text")),
     )
 
     def operators(self, adapter: Adapter) -> list:
-        self.budget(adapter.tokens_per_image)
+        self.check_budget(adapter)
         depth = len(adapter.decoder_layers)
         layer = self.layer if self.layer is not None else scaled_layer(2, 32, depth)
-        return [_FastVDrop(self, layer, adapter.tokens_per_image)]
+        return [_FastVDrop(self, layer)]

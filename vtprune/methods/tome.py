@@ -5,9 +5,9 @@ import math
 
 import torch
 
-from vtprune.methods.base import POSITION_PARAM_DOC, Method, Param, register
+from vtprune.methods.base import Method, Param, register
 from vtprune.models.base import Adapter
-from vtprune.ops import bipartite_soft_matching, merge_sum, merge_weighted_mean
+from vtprune.ops import bipartite_soft_matching, merge_destination, merge_weighted_mean
 from vtprune.runtime.operators import PreLLMContext, PreLLMOperator, Reduction, VisionOperator, VisionState
 
 
@@ -65,28 +65,27 @@ class _MergeBlocks(VisionOperator):
                 return x
             plan = bipartite_soft_matching(keys, self.schedule[block], protect_first=True)
             x, state.size = merge_weighted_mean(plan, x, state.size)
-            state.source = merge_sum(plan, state.source)
+            state.owner = merge_destination(plan, x.shape[1] + self.schedule[block]).gather(1, state.owner)
+            state.owner_after[block] = state.owner
             return x
 
-        return adapter.vit_block_step(block, hidden, bias, merge)
+        return adapter.vision_block_step(block, hidden, bias, merge)
 
 
 class _Order(PreLLMOperator):
-    """Hands merged tokens to the LLM in raster order of their size-weighted mean source patch (or ToMe's order)."""
+    """Hands merged tokens to the LLM in raster order of their size-weighted mean source (or ToMe's own order)."""
 
     def __init__(self, order: str) -> None:
         self.order = order
 
     def reduce(self, ctx: PreLLMContext) -> list[Reduction]:
         reductions = []
-        patch = torch.arange(ctx.sources.shape[-1], dtype=torch.float32, device=ctx.sources.device)
-        for i in range(ctx.features.shape[0]):
-            sources = ctx.sources[i]
-            order = torch.arange(sources.shape[0], device=sources.device)
+        for image in ctx.images:
+            order = torch.arange(len(image.features), device=image.features.device)
             if self.order == "raster":
-                centre = (sources.float() @ patch) / sources.float().sum(-1)
+                centre = image.sources.mean(torch.arange(len(image.layout), device=order.device))
                 order = torch.sort(centre, stable=True).indices
-            reductions.append(Reduction.select(ctx.features[i], sources, order))
+            reductions.append(Reduction.select(image, order))
         return reductions
 
 
@@ -96,31 +95,40 @@ class ToMe(Method):
 
     Stage: ``vision`` (inside every ViT block up to the feature block, between the attention residual and the MLP)
     plus a pre-LLM ordering step. Per block: bipartite soft matching on the block's head-mean keys (cosine); the
-    ``r`` most similar A->B edges are merged by size-weighted average, [CLS] protected; sizes and source maps are
+    ``r`` most similar A->B edges are merged by size-weighted average, [CLS] protected; sizes and provenance are
     carried across blocks; proportional attention adds log(size) to the keys' logits.
 
-    Budget: ``keep``/``ratio`` give the visual tokens per image entering the LLM exactly, with merges spread over
-    the blocks before the feature layer, larger first (``merge_schedule``: 64/128/192 on CLIP-L/336). ``r`` instead
-    gives ToMe's constant per-block count (default r=16 when no budget is given, as in LightCompress' LLaVA config).
-    Order into the LLM: ``order='raster'`` (default) sorts tokens by the size-weighted mean index of their source
-    patches so RoPE follows the image layout; ``'tome'`` keeps ToMe's [unmerged A, B] order. Positions: renumbered
-    (pre-LLM reduction), ``'original'`` uses the rounded mean source position.
+    Budget: ``keep``/``ratio`` give the visual tokens per ViT view exactly (LLaVA-1.5: per image; LLaVA-NeXT: the
+    base image and every crop, minus what unpadding removes), with merges spread over the blocks before the feature
+    layer, larger first (``merge_schedule``: 64/128/192 on CLIP-L/336). ``r`` instead gives ToMe's constant per-block
+    count (default r=16 when no budget is given, as in LightCompress' LLaVA config). Order into the LLM:
+    ``order='raster'`` (default) sorts tokens by the size-weighted mean index of their source patches so RoPE
+    follows the image layout; ``'tome'`` keeps ToMe's [unmerged A, B] order (layouts with newline tokens are always
+    raster). Positions: renumbered (pre-LLM reduction); ``'original'`` uses the rounded mean source position.
+    Needs merging inside the vision tower: refused on Qwen2-VL, whose patch merger needs every 2x2 group intact.
     """
 
     name = "tome"
     paper = "arXiv 2210.09461 (ICLR 2023)"
     stages = ("vision", "pre_llm")
-    default_ratio = 0.0  # unused: without keep/ratio, ToMe's constant r applies
+    budget_convention = "visual tokens per ViT view (336-px image or crop) entering the LLM"
+    default_positions = "renumber"
+    requires = frozenset({"vision_merge"})
     params = (
-        Param("r", None, "constant merges per block (ToMe's own budget); used when keep and ratio are None"),
-        Param("proportional_attention", True, "add log(token size) to attention logits", (True, False)),
-        Param("order", "raster", "token order into the LLM", ("raster", "tome")),
-        Param("positions", "renumber", POSITION_PARAM_DOC, ("original", "renumber")),
+        Param("r", None, "constant merges per block (ToMe's own budget); used when keep and ratio are None", int,
+              low=0),
+        Param("proportional_attention", True, "add log(token size) to attention logits", bool, (True, False)),
+        Param("order", "raster", "token order into the LLM", str, ("raster", "tome")),
     )
 
+    def __init__(self, **values) -> None:
+        super().__init__(**values)
+        if self.r is not None and (self.keep is not None or self.ratio is not None):
+            raise ValueError("tome: give either r= (merges per block) or a budget (keep= / ratio=), not both")
+
     def operators(self, adapter: Adapter) -> list:
-        n = adapter.tokens_per_image
-        blocks = adapter.feature_block + 1
+        n = adapter.view_tokens
+        blocks = adapter.default_feature_block + 1
         if self.keep is None and self.ratio is None:
             r = 16 if self.r is None else self.r
             tokens, schedule = n + 1, []
@@ -128,6 +136,7 @@ class ToMe(Method):
                 schedule.append(min(r, _capacity(tokens)))
                 tokens -= schedule[-1]
         else:
+            self.check_budget(adapter, per="view")
             removed = n - self.budget(n)
             most = max_mergeable(n + 1, blocks)
             if removed > most:

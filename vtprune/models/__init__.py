@@ -1,13 +1,16 @@
-"""Model adapters: one file per model family. They say where the visual tokens are and how to reach the ViT and
-decoder layers; nothing in them is method-specific."""
+"""Model adapters: one file per model family. They say where the visual tokens are, what each of them is (its
+layout) and how to reach the vision and decoder layers; nothing in them is method-specific."""
 from __future__ import annotations
 
 from torch import nn
 
-from vtprune.models.base import Adapter
+from vtprune.models.base import CAPABILITIES, Adapter, EncodedImages, ImageRecord, Modality, VisionTrace
+from vtprune.models.layout import ImageLayout, TokenKind
 from vtprune.models.llava import LlavaAdapter
+from vtprune.models.llava_next import LlavaNextAdapter
+from vtprune.models.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -22,4 +25,7 @@ def adapter_for(model: nn.Module) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "LlavaAdapter", "adapter_for"]
+__all__ = [
+    "ADAPTERS", "CAPABILITIES", "Adapter", "EncodedImages", "ImageLayout", "ImageRecord", "LlavaAdapter",
+    "LlavaNextAdapter", "Modality", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "TokenKind", "VisionTrace", "adapter_for",
+]

@@ -14,7 +14,8 @@ def attention_probs(
     """Softmax attention of ``query`` [B, H, q, d] over ``key`` [B, H_kv, n, d] -> [B, H, q, n] in float32.
 
     Grouped-query attention: each key head serves ``H // H_kv`` consecutive query heads (HF's ``repeat_kv``).
-    ``key_mask`` [B, n] or [B, q, n] (True = visible) excludes padding / future keys.
+    ``key_mask`` [B, n] or [B, q, n] (True = visible) excludes padding / future keys. A row with no visible key
+    (a padding query) gets all-zero probabilities instead of NaN, so averages over rows stay finite.
     """
     heads, kv_heads = query.shape[1], key.shape[1]
     if heads % kv_heads:
@@ -24,6 +25,7 @@ def attention_probs(
     if key_mask is not None:
         mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
         logits = logits.masked_fill(~mask, float("-inf"))
+        return logits.softmax(dim=-1).nan_to_num(0.0)
     return logits.softmax(dim=-1)
 
 
@@ -31,3 +33,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """The Llama RoPE helper: (x1, x2) -> (-x2, x1) over the two halves of the last dim."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` [B, H, n, d] with ``cos``/``sin`` [B, n, r] (r <= d: partial rotary, as Phi-3 uses, rotates
+    the first r dims and passes the rest), in ``x``'s dtype like the models' own ``apply_rotary_pos_emb``."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    rotary = cos.shape[-1]
+    if rotary == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    head, tail = x[..., :rotary], x[..., rotary:]
+    return torch.cat([head * cos + rotate_half(head) * sin, tail], dim=-1)

@@ -53,3 +53,49 @@ def pool_grid_shape(height: int, width: int, k: int) -> tuple[int, int]:
     if best is None:
         raise ValueError(f"k={k} cannot be written as h*w with h <= {height} and w <= {width}")
     return best
+
+
+def split_budget(total: int, sizes: list[int]) -> list[int]:
+    """``total`` tokens shared among parts of the given ``sizes`` in proportion to their size (largest remainder,
+    ties to the earlier part); no part gets more than its size."""
+    if not 0 <= total <= sum(sizes):
+        raise ValueError(f"cannot keep {total} of {sum(sizes)} tokens")
+    whole = sum(sizes)
+    exact = [total * s / whole if whole else 0.0 for s in sizes]
+    shares = [min(math.floor(e), s) for e, s in zip(exact, sizes)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order:
+        if sum(shares) == total:
+            break
+        if shares[i] < sizes[i]:
+            shares[i] += 1
+    while sum(shares) < total:  # rounding left room only in parts that are not yet full
+        i = next(i for i in order if shares[i] < sizes[i])
+        shares[i] += 1
+    return shares
+
+
+def _factors(k: int, height: int, width: int) -> bool:
+    return k == 0 or any(k % h == 0 and k // h <= width for h in range(1, min(height, k) + 1))
+
+
+def pool_budgets(total: int, grids: list[tuple[int, int]]) -> list[int]:
+    """Per-grid token counts that sum to ``total``, each writable as h*w inside its grid, as close as possible to a
+    split in proportion to grid size (searched outwards from the proportional split of the first grids)."""
+    sizes = [h * w for h, w in grids]
+    ideal = split_budget(total, sizes)
+    if len(grids) == 1:
+        if not _factors(total, *grids[0]):
+            raise ValueError(f"k={total} cannot be written as h*w with h <= {grids[0][0]} and w <= {grids[0][1]}")
+        return ideal
+    for delta in range(total + 1):
+        for sign in ((0,) if delta == 0 else (-1, 1)):
+            shares = list(ideal)
+            shares[0] += sign * delta
+            rest = total - shares[0]
+            if not 0 <= shares[0] <= sizes[0] or not _factors(shares[0], *grids[0]):
+                continue
+            tail = split_budget(rest, sizes[1:]) if 0 <= rest <= sum(sizes[1:]) else None
+            if tail is not None and all(_factors(k, *g) for k, g in zip(tail, grids[1:])):
+                return [shares[0], *tail]
+    raise ValueError(f"k={total} cannot be split into h*w blocks over grids {grids}")

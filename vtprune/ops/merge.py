@@ -58,6 +58,20 @@ def merge_sum(plan: MergePlan, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([unmerged, dst], dim=1)
 
 
+def merge_destination(plan: MergePlan, n: int) -> torch.Tensor:
+    """Where each of the ``n`` tokens [B, n] ends up after ``merge_sum(plan, ...)``: its own new index, or for a
+    merged-away A token its destination's."""
+    batch, kept = plan.src_idx.shape[0], plan.unmerged_idx.shape[1]
+    device = plan.src_idx.device
+    side_a = torch.empty(batch, (n + 1) // 2, dtype=torch.long, device=device)
+    side_a.scatter_(1, plan.unmerged_idx, torch.arange(kept, device=device).expand(batch, -1).contiguous())
+    side_a.scatter_(1, plan.src_idx, kept + plan.dst_idx)
+    out = torch.empty(batch, n, dtype=torch.long, device=device)
+    out[:, ::2] = side_a
+    out[:, 1::2] = kept + torch.arange(n // 2, device=device)
+    return out
+
+
 def merge_weighted_mean(plan: MergePlan, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average merge of ``x`` [B, N, D] with token sizes ``size`` [B, N, 1]; returns (x, size)."""
     new_size = merge_sum(plan, size)

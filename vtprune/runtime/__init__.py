@@ -2,20 +2,25 @@
 from vtprune.runtime.operators import (
     DecodeContext,
     DecodeOperator,
+    DecodeStepContext,
+    ImageTokens,
     LayerContext,
     LayerOperator,
     PreLLMContext,
     PreLLMOperator,
     Reduction,
+    Transition,
     VisionOperator,
     VisionState,
 )
-from vtprune.runtime.pruner import Pruner
+from vtprune.runtime.pruner import Pruner, encode_images
 from vtprune.runtime.stats import Stats
 
 __all__ = [
     "DecodeContext",
     "DecodeOperator",
+    "DecodeStepContext",
+    "ImageTokens",
     "LayerContext",
     "LayerOperator",
     "PreLLMContext",
@@ -23,6 +28,8 @@ __all__ = [
     "Pruner",
     "Reduction",
     "Stats",
+    "Transition",
     "VisionOperator",
     "VisionState",
+    "encode_images",
 ]

@@ -1,84 +1,116 @@
 """Stage operators: what a method contributes at each stage point, and what the runtime hands it.
 
-Stage points (in execution order):
-- ``vision``: between ViT blocks (``VisionOperator``), may merge tokens; carries token sizes and source maps.
-- ``pre_llm``: on the projected visual features of each image (``PreLLMOperator``), selects or merges.
-- ``layer``: inside the LLM prefill, before decoder layer K (``LayerOperator``), drops visual tokens per sample.
-- ``decode``: after prefill, trims visual entries of the KV cache of chosen layers (``DecodeOperator``).
-Operators only decide *which* tokens survive; the runtime applies the decision to sequences, positions, masks and
-the KV cache.
+Stage points, in execution order:
+- ``vision``: between ViT blocks (``VisionOperator``); may merge tokens, carrying token sizes and provenance.
+- ``pre_llm``: on each image's projected tokens (``PreLLMOperator``): select, pool or merge -> a ``Reduction``.
+- ``layer``: inside the LLM prefill, before decoder layer K (``LayerOperator``): a ``Transition`` of the current token
+  set — drop, merge dropped tokens into kept ones, bring back tokens skipped at earlier layers, or (training mode)
+  weigh tokens with a differentiable soft mask while every token stays.
+- ``decode``: right after prefill (``DecodeOperator.trim``) and at every decode step (``DecodeOperator.step``,
+  which sees the step's hidden states): evict visual entries of the KV cache.
+Operators only decide; the runtime applies decisions to sequences, positions, masks and the KV cache. An operator
+may be an ``nn.Module`` with parameters: ``Pruner.train()`` puts it in training mode, ``Pruner.state_dict()`` saves it.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from functools import cached_property
+from typing import Any
 
 import torch
 
-from vtprune.models.base import Adapter
+from vtprune.models.base import Adapter, ImageRecord
+from vtprune.models.layout import ImageLayout
+from vtprune.ops import Sources
 
+
+# --- vision -----------------------------------------------------------------------------------------------------
 @dataclass
 class VisionState:
-    """Per-image token bookkeeping while the ViT runs: ``size`` [n_img, T, 1] (patches per token) and ``source``
-    [n_img, T, 1 + N] (weights of the original tokens, [CLS] first, that each current token averages)."""
+    """Per-view token bookkeeping while the ViT runs: ``size`` [views, T, 1] (original tokens per current token) and
+    ``owner`` [views, N] (the current token each original token, [CLS] first, is part of). Empty until the first
+    operator block runs."""
 
-    size: torch.Tensor
-    source: torch.Tensor
+    size: torch.Tensor | None = None
+    owner: torch.Tensor | None = None
+    owner_after: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def owner_at(self, block: int) -> torch.Tensor | None:
+        """The assignment after ``block`` (None: nothing merged up to there)."""
+        done = [b for b in self.owner_after if b <= block]
+        return self.owner_after[max(done)] if done else None
 
 
 class VisionOperator:
-    """Replaces the forward of some ViT blocks while the vision tower runs."""
+    """Replaces the forward of some ViT blocks while the vision tower runs under the pruner."""
 
     stage = "vision"
     blocks: tuple[int, ...] = ()
 
-    def block_forward(
-        self, adapter: Adapter, block: int, state: VisionState, hidden_states: torch.Tensor
-    ) -> torch.Tensor:
+    def block_forward(self, adapter: Adapter, block: int, state: VisionState, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+# --- pre-LLM ----------------------------------------------------------------------------------------------------
+@dataclass
+class ImageTokens:
+    """One image's candidate tokens on their way into the LLM.
+
+    ``features`` [k, D] (LLM embedding space); ``sources``: each token's weights over the image's layout tokens;
+    ``sample``/``number``: its batch row and its place among that row's images.
+    """
+
+    features: torch.Tensor
+    sources: Sources
+    layout: ImageLayout
+    record: ImageRecord
+    sample: int
+    number: int
+
+    def raster(self, grid: int) -> torch.Tensor:
+        """Positions (in ``features``) of grid ``grid``'s tokens in raster order, for images whose tokens are still
+        one per layout token (nothing merged in the ViT)."""
+        if self.sources.index.shape[1] != 1 or self.record.merged is not None:
+            raise ValueError("raster() needs one token per layout position (nothing merged inside the vision tower)")
+        where = torch.full((len(self.layout),), -1, dtype=torch.long, device=self.features.device)
+        where[self.sources.index[:, 0]] = torch.arange(len(self.sources), device=self.features.device)
+        return where[self.layout.raster(grid)]
+
+    @property
+    def partition(self) -> torch.Tensor:
+        """The view each token comes from [k] (its strongest source's)."""
+        strongest = self.sources.index.gather(1, self.sources.weight.argmax(1, keepdim=True))[:, 0]
+        return self.layout.partition[strongest]
 
 
 @dataclass
 class Reduction:
-    """The visual tokens of one image that enter the LLM, in LLM order.
-
-    ``features`` [k, D]: projected features; ``sources`` [k, N]: weights over the image's N original patch tokens
-    (a one-hot row for a selected token, averaging weights for a merged one). Positions of merged tokens are derived
-    from the weighted mean of their sources.
-    """
+    """The visual tokens of one image that enter the LLM, in LLM order: ``features`` [k, D] and their ``sources``
+    over the image's layout (positions of merged tokens are the weighted mean of their sources')."""
 
     features: torch.Tensor
-    sources: torch.Tensor
+    sources: Sources
 
     @staticmethod
-    def select(features: torch.Tensor, sources: torch.Tensor, keep_indices: torch.Tensor) -> Reduction:
-        return Reduction(features=features[keep_indices], sources=sources[keep_indices])
+    def select(tokens: ImageTokens, keep_indices: torch.Tensor) -> Reduction:
+        keep_indices = keep_indices.to(tokens.features.device)
+        return Reduction(tokens.features[keep_indices], tokens.sources.select(keep_indices))
 
 
 @dataclass
 class PreLLMContext:
-    """Everything known about a batch of images between the ViT and the LLM."""
+    """Every image of a batch between the vision tower and the LLM, in placeholder order."""
 
     adapter: Adapter
-    features: torch.Tensor  # [n_img, T, D_llm] projected
-    vision_features: torch.Tensor  # [n_img, T, D_vit] fed to the projector
-    sources: torch.Tensor  # [n_img, T, N] from the vision stage (identity when nothing merged there)
-    vision_hidden_states: tuple[torch.Tensor, ...]
-    pixel_values: torch.Tensor
+    images: list[ImageTokens]
     seed: int = 0
 
     def generator(self, image: int) -> torch.Generator:
-        """A generator seeded by ``seed`` and the image's pixels: random choices depend on the image alone, not on
-        its place in the batch or on how often the model was called."""
-        digest = hashlib.blake2b(self.pixel_values[image].detach().cpu().numpy().tobytes(), digest_size=7).digest()
+        """A CPU generator seeded by ``seed`` and the image's pixels (rounded to bfloat16, so an image gives the same
+        draw in fp32 and bf16): random choices depend on the image alone, not on its place in the batch."""
+        pixels = self.images[image].record.pixels.detach().to(torch.bfloat16).contiguous()
+        digest = hashlib.blake2b(pixels.view(torch.int16).cpu().numpy().tobytes(), digest_size=7).digest()
         return torch.Generator().manual_seed(self.seed * 1_000_003 + int.from_bytes(digest, "little"))
-
-    @cached_property
-    def cls_attention(self) -> torch.Tensor:
-        """Head-mean [CLS] -> patch attention of the feature block (its input recomputed through q/k): [n_img, T]."""
-        block = self.adapter.feature_block
-        return self.adapter.vit_cls_attention(block, self.vision_hidden_states[block]).mean(dim=1)[:, 1:]
 
 
 class PreLLMOperator:
@@ -88,75 +120,123 @@ class PreLLMOperator:
         raise NotImplementedError
 
 
+# --- inside the LLM ---------------------------------------------------------------------------------------------
 @dataclass
 class LayerContext:
-    """The prefill sequence as it is about to enter decoder layer ``layer``."""
+    """The prefill sequence about to enter decoder layer ``layer`` (rows left-padded; [B, n] unless noted).
+
+    ``visual``: alive visual tokens; ``candidate``: the visual tokens the operator decides over (the method's
+    separator policy may exclude LLaVA-NeXT's newline tokens); ``image``: a token's image number in its sample (-1
+    text); ``image_candidates`` [B, G]: candidates each image had when it entered the LLM (budgets are per image);
+    ``rows``: each token's row in the LLM-input sequence (``universe_hidden`` [B, n0, D] holds that sequence's
+    layer-0 states, for operators that bring skipped tokens back); ``previous_input``: (hidden, rope) entering layer
+    ``layer - 1`` when the operator asked for it; ``training``: trainable operators should return soft weights.
+    """
 
     adapter: Adapter
     layer: int
-    hidden_states: torch.Tensor  # [B, n, D]
-    valid: torch.Tensor  # [B, n] False for padding
-    visual: torch.Tensor  # [B, n] True for (alive) visual tokens
-    original_visual: torch.Tensor  # [B] visual tokens each sample had before any reduction
+    hidden_states: torch.Tensor
+    valid: torch.Tensor
+    visual: torch.Tensor
+    candidate: torch.Tensor
+    image: torch.Tensor
+    partition: torch.Tensor
+    kind: torch.Tensor
+    image_candidates: torch.Tensor
+    positions: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
+    rows: torch.Tensor
+    universe_hidden: torch.Tensor
+    universe_visual: torch.Tensor
     previous_input: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
-    _cache: dict = field(default_factory=dict)
+    training: bool = False
+    cache: dict[Any, torch.Tensor] = field(default_factory=dict)
 
-    def attention_from(self, query: str = "last") -> torch.Tensor:
-        """Head-mean attention of layer ``layer - 1`` received by each token [B, n], recomputed from that layer's
-        q/k with RoPE. ``query``: ``"last"`` (the last prompt token's row), ``"text"`` (mean over text tokens after
-        the first visual token) or ``"all"`` (mean over all valid rows, each over its causal keys)."""
-        if query in self._cache:
-            return self._cache[query]
-        if self.previous_input is None:
-            raise RuntimeError("attention_from needs the input of the previous layer (layer >= 1)")
-        hidden, position_embeddings = self.previous_input
-        batch, n = self.valid.shape
-        order = torch.arange(n, device=self.valid.device)
-        if query == "last":
-            rows = torch.full((batch, 1), n - 1, device=self.valid.device)
-        else:
-            rows = order.expand(batch, n)
-        causal = order[None, :] <= rows[..., None]
-        key_mask = causal & self.valid[:, None, :]
-        probs = self.adapter.llm_attention(self.layer - 1, hidden, position_embeddings, rows, key_mask).mean(1)
-        if query == "last":
-            score = probs[:, 0]
-        else:
-            first_visual = torch.where(self.visual.any(1), self.visual.float().argmax(1), n)
-            use = self.valid.clone()
-            if query == "text":
-                use &= ~self.visual & (order[None, :] > first_visual[:, None])
-            score = (probs * use[..., None]).sum(1) / use.sum(1, keepdim=True).clamp_min(1)
-        self._cache[query] = score
-        return score
+
+@dataclass
+class Transition:
+    """What happens to the current token set before a layer (all [B, n] over the current tokens unless noted).
+
+    - ``keep``: which candidates survive (non-candidates follow the runtime's rules: text always stays);
+    - ``merge_into``: for a dropped candidate, the index of the kept visual token it is merged into (size-weighted mean of
+      hidden states, as ToMe; -1: discarded); the kept token keeps its own position;
+    - ``restore`` [B, r]: rows of the LLM-input sequence to bring back (-1: padding), with ``restore_hidden``
+      [B, r, D] their hidden states (the operator chooses and documents them); they rejoin in sequence order with
+      their original positions;
+    - ``weight``: training mode: a soft keep weight in [0, 1] per candidate; every token stays and later layers add
+      log(weight) to the attention logits of that key (diagonal exempt), so weight 0 equals dropping the token.
+    """
+
+    keep: torch.Tensor | None = None
+    merge_into: torch.Tensor | None = None
+    restore: torch.Tensor | None = None
+    restore_hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
 
 
 class LayerOperator:
-    """Drops visual tokens before some decoder layers. ``select`` returns a keep mask [B, n] over the current
-    sequence; the runtime keeps every non-visual token regardless."""
+    """Changes the visual token set before some decoder layers (layer 0 allowed when no previous input is needed)."""
 
     stage = "layer"
     layers: tuple[int, ...] = ()
     needs_previous_input: bool = True
 
-    def select(self, ctx: LayerContext) -> torch.Tensor:
+    def transform(self, ctx: LayerContext) -> Transition:
         raise NotImplementedError
 
 
+# --- decoding ---------------------------------------------------------------------------------------------------
 @dataclass
 class DecodeContext:
-    """The KV cache right after prefill: ``cache_visual[l]`` [B, len_l] marks visual entries of layer l."""
+    """The KV cache right after prefill. ``rows[l]`` [B, len_l]: for each cache entry of layer l its row in the
+    LLM-input sequence (-1: padding); ``visual[l]`` [B, len_l]: the visual entries."""
 
     adapter: Adapter
     cache: object
-    cache_valid: list[torch.Tensor]
-    cache_visual: list[torch.Tensor]
+    rows: list[torch.Tensor]
+    visual: list[torch.Tensor]
+
+
+@dataclass
+class DecodeStepContext:
+    """One decode step at decoder layer ``layer``: the new tokens' layer input ``hidden`` [B, q, D] and ``rope``,
+    and the layer's cached ``keys`` [B, H_kv, len, d] (RoPE applied) with their ``rows``/``visual``/``valid``
+    [B, len] flags. ``step`` counts decode steps since prefill (0 = first)."""
+
+    adapter: Adapter
+    layer: int
+    step: int
+    hidden: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
+    keys: torch.Tensor
+    rows: torch.Tensor
+    visual: torch.Tensor
+    valid: torch.Tensor
+
+    def query_attention(self) -> torch.Tensor:
+        """Attention [B, H, q, len] of the step's queries over the cached entries (float32, head by head)."""
+        from vtprune.models.text import query_key
+        from vtprune.ops import attention_probs
+
+        layer = self.adapter.decoder_layers[self.layer]
+        normed = layer.input_layernorm(self.hidden)
+        rows = torch.arange(normed.shape[1], device=normed.device).expand(normed.shape[0], -1)
+        query, _ = query_key(layer.self_attn, normed, rows, self.rope)
+        return attention_probs(query, self.keys, layer.self_attn.scaling, self.valid[:, None, :].expand(
+            -1, query.shape[2], -1))
 
 
 class DecodeOperator:
-    """Trims visual entries from the KV cache after prefill: returns {layer: keep mask [B, len_l]}."""
+    """Evicts visual KV-cache entries: after prefill (``trim``: {layer: keep mask [B, len_l]}) and, for the layers in
+    ``step_layers``, at every decode step (``step``: an evict mask [B, len] over the layer's cached entries or None).
+    Evicted entries are masked at once; the cache is compacted physically every ``compact_interval`` steps."""
 
     stage = "decode"
+    step_layers: tuple[int, ...] = ()
+    compact_interval: int = 1
 
     def trim(self, ctx: DecodeContext) -> dict[int, torch.Tensor]:
-        raise NotImplementedError
+        return {}
+
+    def step(self, ctx: DecodeStepContext) -> torch.Tensor | None:
+        return None

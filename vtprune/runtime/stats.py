@@ -1,26 +1,84 @@
-"""What the last pruned forward did, per sample."""
+"""What the last pruned prefill did, per sample, image and partition. Computed on first access (one host copy),
+so a run that never reads its stats pays nothing for them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
+from vtprune.ops import Sources
+from vtprune.runtime.prefill import Prefill
 
-@dataclass
+
 class Stats:
     """Token accounting of the last prefill.
 
-    ``visual_tokens`` [B, L]: visual tokens entering each decoder layer. ``original_visual_tokens`` [B]: visual
-    tokens before any reduction. ``sources[b]`` [k_b, V_b]: for each visual token that entered the LLM, its weights
-    over the sample's original visual tokens (all images concatenated, raster order). ``final_tokens[b]``: indices
-    into ``sources[b]`` of the visual tokens still alive after the last layer.
+    - ``visual_tokens`` [B, L]: visual tokens entering each decoder layer; ``original_visual_tokens`` [B]: the
+      placeholder tokens the prompt had; ``llm_input_visual_tokens`` / ``mean_visual_tokens``: the two budget
+      conventions (tokens entering the LLM; layer average).
+    - ``tokens_per_image[b]`` [images, L] and ``tokens_per_partition[b][i]`` [partitions, L]: the same per image and
+      per view of the image (LLaVA-NeXT: 0 = base image, k = k-th crop; Qwen video: frames); ``separator_tokens``
+      [B, L]: LLaVA-NeXT newline tokens among the visual tokens.
+    - ``sources[b]``: for each visual token that entered the LLM, its weights over the sample's original visual
+      tokens (its images' layouts concatenated); ``final_tokens[b]``: rows of ``sources[b]`` alive after the last
+      layer; ``kept_patches(b)``: original tokens represented by a token alive at the end (merges included).
+    - ``output_positions`` [B, n_out]: the input column each output row (logits) belongs to; -1 for visual tokens
+      and padding.
     """
 
-    visual_tokens: torch.Tensor
-    original_visual_tokens: torch.Tensor
-    vision_tokens_per_image: int
-    sources: list[torch.Tensor]
-    final_tokens: list[torch.Tensor]
+    def __init__(self, prefill: Prefill, num_layers: int) -> None:
+        self._prefill = prefill
+        self._layers = num_layers
+
+    @cached_property
+    def _counts(self) -> torch.Tensor:
+        """[L, B, images, partitions + 1] visual tokens per layer, image and partition (last slot: separators)."""
+        universe = self._prefill.universe
+        batch = universe.valid.shape[0]
+        images = max(1, universe.image_candidates.shape[1])
+        partitions = max([image.record.layout.num_partitions for row in universe.images for image in row] + [1])
+        per_rows: dict[int, torch.Tensor] = {}
+        counts = []
+        for layer in range(self._layers):
+            rows = self._prefill.tracks[layer][0]
+            if id(rows) not in per_rows:
+                safe = rows.clamp_min(0)
+                visual = universe.visual.gather(1, safe) & (rows >= 0)
+                slot = universe.partition.gather(1, safe).clamp_min(0)
+                slot = torch.where(universe.separator.gather(1, safe), partitions, slot)
+                bucket = universe.image.gather(1, safe).clamp_min(0) * (partitions + 1) + slot
+                out = torch.zeros(batch, images * (partitions + 1), dtype=torch.long, device=rows.device)
+                per_rows[id(rows)] = out.scatter_add_(1, bucket, visual.long()).view(batch, images, partitions + 1)
+            counts.append(per_rows[id(rows)])
+        return torch.stack(counts).cpu()
+
+    @property
+    def visual_tokens(self) -> torch.Tensor:
+        return self._counts.sum((2, 3)).T.contiguous()
+
+    @property
+    def separator_tokens(self) -> torch.Tensor:
+        return self._counts[..., -1].sum(2).T.contiguous()
+
+    @cached_property
+    def original_visual_tokens(self) -> torch.Tensor:
+        return torch.tensor([sum(sizes) for sizes in self._prefill.universe.layout_sizes])
+
+    @property
+    def images(self) -> list[int]:
+        return [len(sizes) for sizes in self._prefill.universe.layout_sizes]
+
+    @property
+    def tokens_per_image(self) -> list[torch.Tensor]:
+        per_image = self._counts.sum(3).permute(1, 2, 0)  # [B, images, L]
+        return [per_image[b, :count] for b, count in enumerate(self.images)]
+
+    @property
+    def tokens_per_partition(self) -> list[list[torch.Tensor]]:
+        out = []
+        for b, row in enumerate(self._prefill.universe.images):
+            out.append([self._counts[:, b, i, :image.record.layout.num_partitions].T for i, image in enumerate(row)])
+        return out
 
     @property
     def llm_input_visual_tokens(self) -> torch.Tensor:
@@ -29,20 +87,46 @@ class Stats:
 
     @property
     def mean_visual_tokens(self) -> torch.Tensor:
-        """Layer-averaged visual tokens (SparseVLM / PyramidDrop budget convention) [B]."""
+        """Layer-averaged visual tokens (SparseVLM / PyramidDrop / MustDrop budget convention) [B]."""
         return self.visual_tokens.float().mean(dim=1)
 
+    @cached_property
+    def sources(self) -> list[Sources]:
+        return [s.to(torch.device("cpu")) for s in self._prefill.universe.sources]
+
+    @cached_property
+    def final_tokens(self) -> list[torch.Tensor]:
+        universe, rows = self._prefill.universe, self._prefill.tokens.rows
+        index = universe.visual_index.gather(1, rows.clamp_min(0)).masked_fill(rows < 0, -1).cpu()
+        return [row[row >= 0] for row in index]
+
+    @cached_property
+    def _represented(self) -> list[torch.Tensor]:
+        universe = self._prefill.universe
+        owned = (self._prefill.owner >= 0) & universe.visual
+        index = universe.visual_index.masked_fill(~owned, -1).cpu()
+        return [row[row >= 0] for row in index]
+
     def kept_patches(self, sample: int) -> torch.Tensor:
-        """Bool [V_b]: original visual tokens that contribute to a token alive after the last layer."""
-        sources = self.sources[sample][self.final_tokens[sample]]
-        return (sources > 0).any(dim=0)
+        """Bool [V_b]: original visual tokens that a token alive after the last layer represents."""
+        size = sum(self._prefill.universe.layout_sizes[sample])
+        return self.sources[sample].select(self._represented[sample]).coverage(size) > 0
+
+    def dense_sources(self, sample: int) -> torch.Tensor:
+        """``sources[sample]`` as a dense [k, V_b] matrix."""
+        return self.sources[sample].to_dense(sum(self._prefill.universe.layout_sizes[sample]))
+
+    @cached_property
+    def output_positions(self) -> torch.Tensor:
+        universe, rows = self._prefill.universe, self._prefill.tokens.rows
+        return universe.origin.gather(1, rows.clamp_min(0)).masked_fill(rows < 0, -1).cpu()
 
     def __repr__(self) -> str:
         per_sample = []
         for b in range(self.visual_tokens.shape[0]):
             counts = self.visual_tokens[b].tolist()
             per_sample.append(
-                f"  sample {b}: {int(self.original_visual_tokens[b])} visual tokens -> per layer {counts} "
-                f"(mean {self.mean_visual_tokens[b]:.1f})"
+                f"  sample {b}: {self.images[b]} image(s), {int(self.original_visual_tokens[b])} visual tokens -> "
+                f"per layer {counts} (mean {self.mean_visual_tokens[b]:.1f})"
             )
         return "Stats(\n" + "\n".join(per_sample) + "\n)"

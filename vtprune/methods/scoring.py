@@ -1,0 +1,46 @@
+"""Attention-based scores the methods share, computed from rows the adapter recomputes (no eager attention)."""
+from __future__ import annotations
+
+import torch
+
+from vtprune.runtime.operators import ImageTokens, LayerContext, PreLLMContext
+
+
+def cls_attention(ctx: PreLLMContext, image: ImageTokens, block: int | None = None) -> torch.Tensor:
+    """Head-mean [CLS] -> patch attention of vision ``block`` (default: the block feeding the projector, for the
+    call's ``vision_feature_layer``) for each of the image's candidate tokens [k], in float32. Every view (LLaVA-NeXT:
+    base image and each crop) has its own [CLS] row; a separator token has none and scores -inf."""
+    trace = image.record.trace
+    block = trace.feature_block if block is None else block
+    query = torch.zeros(1, dtype=torch.long, device=image.features.device)
+    rows = ctx.adapter.vision_attention(trace, block, query)[:, :, 0].mean(dim=1)  # [views, 1 + T]
+    per_vision_token = rows[:, 1:].reshape(-1)
+    vision_index = image.layout.vision_index[image.sources.index[:, 0]]
+    return torch.where(vision_index >= 0, per_vision_token[vision_index.clamp_min(0)], float("-inf"))
+
+
+def attention_received(ctx: LayerContext, query: str = "last") -> torch.Tensor:
+    """Head-mean attention each token receives [B, n] at layer ``ctx.layer - 1``, recomputed from that layer's q/k
+    with RoPE and GQA. ``query``: ``"last"`` (the last prompt token's row), ``"text"`` (mean over the text tokens
+    after the first visual token) or ``"all"`` (mean over all real rows, each over its causal keys). Padding rows
+    never count, so a left-padded row scores like the same prompt alone."""
+    if query in ctx.cache:
+        return ctx.cache[query]
+    if ctx.previous_input is None:
+        raise RuntimeError("attention_received needs the input of the previous layer (layer >= 1)")
+    hidden, rope = ctx.previous_input
+    batch, n = ctx.valid.shape
+    order = torch.arange(n, device=ctx.valid.device)
+    rows = torch.full((batch, 1), n - 1, device=ctx.valid.device) if query == "last" else order.expand(batch, n)
+    key_mask = (order[None, :] <= rows[..., None]) & ctx.valid[:, None, :]
+    probs = ctx.adapter.llm_attention(ctx.layer - 1, hidden, rope, rows, key_mask).mean(1)
+    if query == "last":
+        score = probs[:, 0]
+    else:
+        first_visual = torch.where(ctx.visual.any(1), ctx.visual.float().argmax(1), n)
+        use = ctx.valid.clone()
+        if query == "text":
+            use &= ~ctx.visual & (order[None, :] > first_visual[:, None])
+        score = (probs * use[..., None]).sum(1) / use.sum(1, keepdim=True).clamp_min(1)
+    ctx.cache[query] = score
+    return score
