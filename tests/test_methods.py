@@ -107,3 +107,21 @@ def test_fastv_default_layer_scales_with_depth():
         counts = stats.visual_tokens[0]
         assert int((counts == N_VISUAL).sum()) == expected
         assert counts[-1] == round(0.5 * N_VISUAL)
+
+
+def test_readme_support_matrix_is_the_generated_one():
+    from pathlib import Path
+
+    from vtprune.methods import support_table
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("<!-- support-matrix -->\n")[1].split("\n<!-- /support-matrix -->")[0]
+    assert block == support_table(), "regenerate it with `vtprune methods --markdown`"
+
+
+def test_support_matrix_follows_capabilities():
+    matrix = vtprune.support_matrix()
+    assert matrix["fastervlm"] == {"llava": True, "llava_next": True, "qwen2_vl": False, "qwen2_5_vl": False}
+    assert matrix["tome"]["qwen2_vl"] is False and matrix["fastv"]["qwen2_5_vl"] is True
+    listing = {m["name"]: m for m in vtprune.methods()}
+    assert listing["fastervlm"]["families"] == ["llava", "llava_next"]

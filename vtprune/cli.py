@@ -60,12 +60,17 @@ def _show(args: argparse.Namespace) -> None:
 
 def _methods(args: argparse.Namespace) -> None:
     import vtprune
+    from vtprune.methods import support_table
 
+    if args.markdown:
+        print(support_table())
+        return
     for info in vtprune.methods():
         params = ", ".join(f"{k}={v['default']!r}" for k, v in info["params"].items())
         print(f"{info['name']:<10} stages={','.join(info['stages']):<16} {info['paper']}")
         print(f"{'':<10} budget: {info['budget']} (default ratio {info['default_ratio']})")
         print(f"{'':<10} params: {params}")
+        print(f"{'':<10} runs on: {', '.join(info['families'])}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     show.add_argument("--out", default="runs/show.png")
     show.set_defaults(run=_show)
 
-    listing = commands.add_parser("methods", help="registered methods, stages, budgets and defaults")
+    listing = commands.add_parser("methods", help="registered methods, stages, budgets, defaults, model families")
+    listing.add_argument("--markdown", action="store_true", help="the method x model-family support table")
     listing.set_defaults(run=_methods)
 
     train = commands.add_parser("train-reference", help="retrain the shipped MiniLLaVA from scratch")

@@ -7,6 +7,7 @@ from vtprune.methods.base import (
     register,
     scaled_layer,
     support_matrix,
+    support_table,
     supported_methods,
 )
 from vtprune.methods.divprune import DivPrune
@@ -30,5 +31,6 @@ __all__ = [
     "register",
     "scaled_layer",
     "support_matrix",
+    "support_table",
     "supported_methods",
 ]

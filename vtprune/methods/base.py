@@ -208,3 +208,17 @@ def support_matrix() -> dict[str, dict[str, bool]]:
     from vtprune.models import ADAPTERS
 
     return {name: {a.family: cls.requires <= a.capabilities for a in ADAPTERS} for name, cls in sorted(REGISTRY.items())}
+
+
+def support_table() -> str:
+    """The support matrix as the Markdown table the README shows (regenerate with ``vtprune methods --markdown``)."""
+    from vtprune.models import ADAPTERS
+
+    families = [a.family for a in ADAPTERS]
+    lines = ["| method | stages | " + " | ".join(families) + " |", "|---|---|" + "---|" * len(families)]
+    for name, supported in support_matrix().items():
+        cls = REGISTRY[name]
+        marks = " | ".join("yes" if supported[f] else "no (needs " + ", ".join(sorted(cls.requires)) + ")"
+                           for f in families)
+        lines.append(f"| `{name}` | {', '.join(cls.stages)} | {marks} |")
+    return "\n".join(lines)

@@ -147,10 +147,10 @@ class Adapter:
         raise NotImplementedError
 
     def layout(self, key: Any, build: Callable[[], ImageLayout], device: torch.device) -> ImageLayout:
-        """A layout cached by ``key`` (images of one size share it)."""
-        if key not in self._layouts:
-            self._layouts[key] = build()
-        return self._layouts[key].to(device)
+        """A layout cached by ``key`` and device (images of one size share it)."""
+        if (key, device) not in self._layouts:
+            self._layouts[key, device] = build().to(device)
+        return self._layouts[key, device]
 
     # --- positions -------------------------------------------------------------------------------------------
     def positions_in(self, position_ids: torch.Tensor | None, batch: int, length: int, past: int,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -61,11 +62,21 @@ class ImageLayout:
             vision_index=torch.arange(n), grid_shapes=tuple(shapes), num_vision_tokens=n,
         )
 
-    @property
-    def has_separators(self) -> bool:
-        return bool((self.kind == TokenKind.SEPARATOR).any())
+    @cached_property
+    def separators(self) -> torch.Tensor:
+        """Indices of the separator tokens."""
+        return (self.kind == TokenKind.SEPARATOR).nonzero().flatten()
 
-    @property
+    @cached_property
+    def content(self) -> torch.Tensor:
+        """Indices of every other token."""
+        return (self.kind != TokenKind.SEPARATOR).nonzero().flatten()
+
+    @cached_property
+    def has_separators(self) -> bool:
+        return len(self.separators) > 0
+
+    @cached_property
     def num_partitions(self) -> int:
         return int(self.partition.max()) + 1
 

@@ -100,17 +100,14 @@ class Universe:
 
 def _image_tokens(image: PlacedImage, span: torch.Tensor, policy: str) -> ImageTokens:
     layout, record = image.record.layout, image.record
-    separators = (layout.kind == int(TokenKind.SEPARATOR)).nonzero().flatten()
     if record.merged is not None:
         features, sources = record.merged
         features = features.to(span.dtype)
-        if policy == "candidates" and len(separators):
-            features = torch.cat([features, span[separators]])
-            sources = Sources.cat([sources, Sources.one_hot(separators)])
+        if policy == "candidates" and layout.has_separators:
+            features = torch.cat([features, span[layout.separators]])
+            sources = Sources.cat([sources, Sources.one_hot(layout.separators)])
     else:
-        index = torch.arange(len(layout), device=span.device)
-        if policy != "candidates":
-            index = (layout.kind != int(TokenKind.SEPARATOR)).nonzero().flatten()
+        index = layout.content if policy != "candidates" else torch.arange(len(layout), device=span.device)
         features, sources = span[index], Sources.one_hot(index)
     return ImageTokens(features, sources, layout, record, image.sample, image.number)
 
@@ -120,8 +117,8 @@ def _finish_image(reduction: Reduction, image: PlacedImage, span: torch.Tensor, 
     """The image's tokens as they enter the LLM: the reduction plus its separators, in order, with positions."""
     layout = image.record.layout
     features, sources = reduction.features.to(span.dtype), reduction.sources
-    separators = (layout.kind == int(TokenKind.SEPARATOR)).nonzero().flatten()
-    if len(separators) and policy != "candidates":
+    separators = layout.separators
+    if layout.has_separators and policy != "candidates":
         if policy == "rows":  # a separator stays while a token of the row it closes (row -1: of its grid) does
             rows, grids = sources.mean(layout.row).round().long(), sources.mean(layout.grid).round().long()
             same_grid = layout.grid[separators][:, None] == grids[None]
