@@ -179,3 +179,11 @@ def test_images_in_a_cached_continuation_are_refused():
         with pytest.raises(ValueError, match="continuing a pruned cache with new images is not supported"):
             model(input_ids=second["input_ids"], pixel_values=second["pixel_values"], attention_mask=mask,
                   past_key_values=out.past_key_values)
+
+
+def test_images_with_inputs_embeds_only_are_refused(fresh):
+    model, ids, mask, ref = fresh
+    embeds = model.get_input_embeddings()(ids)
+    with vtprune.apply(model, "random", keep=4), pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
+        model(inputs_embeds=embeds, attention_mask=mask, pixel_values=images(1))
+    _untouched(model, ids, mask, ref)

@@ -181,3 +181,20 @@ def test_text_only_request_passes_through(family):
             out = greedy(model, inputs)
     assert torch.equal(out[0], reference[0]) and torch.equal(out[1], reference[1])
     assert pruner.stats is None
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+@pytest.mark.parametrize("method", ["fastv", "divprune"])
+def test_a_text_only_row_beside_image_rows(family, method):
+    """A batch mixing a request without images and one with: each row equals its run alone."""
+    model = model_for(family)
+    rows = [["describe", "a", "red", "image", "in", "the", "left", "of", "the", "picture", "."], PROMPTS[1]]
+    with torch.no_grad(), vtprune.apply(model, method, **budget(family, method)) as pruner:
+        tokens, logits = greedy(model, family.inputs(rows))
+        counts = pruner.stats.visual_tokens.clone()
+        text_alone = greedy(model, family.inputs(rows[:1]))
+        image_alone = greedy(model, family.inputs(rows[1:]))
+    assert torch.equal(tokens[0], text_alone[0][0]) and torch.equal(tokens[1], image_alone[0][0])
+    torch.testing.assert_close(logits[0], text_alone[1][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1], image_alone[1][0], atol=1e-4, rtol=1e-4)
+    assert counts[0].sum() == 0 and counts[1, -1] > 0
