@@ -195,7 +195,8 @@ def test_placeholders_with_a_text_token_inside_are_refused(model):
     ids = inputs["input_ids"].clone()
     run = (ids[0] == 99).nonzero().flatten()
     ids[0, run[10]], ids[0, -1] = 7, 99  # a text token inside the image run, the placeholder moved to the end
-    with vtprune.apply(model, "random", keep=4), pytest.raises(ValueError, match="must be consecutive; row 0 has a gap"):
+    with vtprune.apply(model, "random", keep=4), \
+            pytest.raises(ValueError, match="must be consecutive; row 0 has a gap"):
         model(**{**inputs, "input_ids": ids})
 
 

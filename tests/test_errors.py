@@ -36,7 +36,8 @@ def _untouched(model, ids, mask, ref):
 
 
 @pytest.mark.parametrize("method,params,error,message", [
-    ("fastv", {"keep": N_VISUAL + 1}, ValueError, f"larger than the {N_VISUAL} visual tokens per image; use keep <= {N_VISUAL}"),
+    ("fastv", {"keep": N_VISUAL + 1}, ValueError,
+     f"larger than the {N_VISUAL} visual tokens per image; use keep <= {N_VISUAL}"),
     ("fastervlm", {"keep": N_VISUAL + 1}, ValueError, f"larger than the {N_VISUAL} visual tokens per view"),
     ("divprune", {"keep": 0}, ValueError, "keep=0 must be >= 1"),
     ("random", {"keep": -3}, ValueError, "keep=-3 must be >= 1"),
@@ -54,7 +55,8 @@ def _untouched(model, ids, mask, ref):
     ("fastv", {"positions": "shifted"}, ValueError, "positions='shifted' must be one of ('original', 'renumber')"),
     ("fastv", {"separators": "drop"}, ValueError, "separators='drop' must be one of"),
     ("fastv", {"keep": 4, "ratio": 0.5}, ValueError, "either keep= or ratio="),
-    ("tome", {"keep": 1}, ValueError, "cannot be reached by merging in the 3 ViT blocks before the feature layer; use keep >= 5"),
+    ("tome", {"keep": 1}, ValueError,
+     "cannot be reached by merging in the 3 ViT blocks before the feature layer; use keep >= 5"),
     ("tome", {"r": -3}, ValueError, "r=-3 must be >= 0"),
     ("tome", {"r": 2, "keep": 16}, ValueError, "give either r= (merges per block) or a budget"),
     ("tome", {"proportional_attention": "yes"}, ValueError, "proportional_attention='yes' must be True or False"),
@@ -147,7 +149,8 @@ def test_unsupported_feature_layer_settings_are_refused():
         vtprune.apply(model, "random")
     model.config.vision_feature_layer = -2
     ids, mask = batch([prompt([1], [7])])
-    with vtprune.apply(model, "random", keep=4), pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
+    with vtprune.apply(model, "random", keep=4), \
+            pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):
         model(input_ids=ids, attention_mask=mask, pixel_values=images(1), vision_feature_select_strategy="full")
 
 

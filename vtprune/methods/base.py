@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from vtprune.models.base import CAPABILITIES, Adapter
+from vtprune.runtime.operators import PreLLMOperator
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,14 @@ class Method:
         return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in names)})"
 
 
+class ImageReducer(PreLLMOperator):
+    """A method's pre-LLM operator that reduces every image on its own (``reduce_image``), with the method's
+    parameters at hand."""
+
+    def __init__(self, method: Method) -> None:
+        self.method = method
+
+
 def scaled_layer(paper_layer: int, paper_depth: int, depth: int) -> int:
     """A paper's layer index moved proportionally to a model of ``depth`` layers (at least layer 1)."""
     return max(1, round(paper_layer * depth / paper_depth))
@@ -207,7 +216,8 @@ def support_matrix() -> dict[str, dict[str, bool]]:
     """{method: {family: runs on it}}, from each method's ``requires`` and each adapter's ``capabilities``."""
     from vtprune.models import ADAPTERS
 
-    return {name: {a.family: cls.requires <= a.capabilities for a in ADAPTERS} for name, cls in sorted(REGISTRY.items())}
+    return {name: {a.family: cls.requires <= a.capabilities for a in ADAPTERS}
+            for name, cls in sorted(REGISTRY.items())}
 
 
 def support_table() -> str:

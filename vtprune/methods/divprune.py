@@ -1,21 +1,16 @@
 """DivPrune: keep a maximally diverse subset of the projected visual tokens."""
 from __future__ import annotations
 
-from vtprune.methods.base import Method, register
+from vtprune.methods.base import ImageReducer, Method, register
 from vtprune.models.base import Adapter
 from vtprune.ops import max_min_diversity
-from vtprune.runtime.operators import PreLLMContext, PreLLMOperator, Reduction
+from vtprune.runtime.operators import ImageTokens, PreLLMContext, Reduction
 
 
-class _Diverse(PreLLMOperator):
-    def __init__(self, method: Method) -> None:
-        self.method = method
-
-    def reduce(self, ctx: PreLLMContext) -> list[Reduction]:
-        return [
-            Reduction.select(image, max_min_diversity(image.features.detach(), self.method.budget(len(image.features))))
-            for image in ctx.images
-        ]
+class _Diverse(ImageReducer):
+    def reduce_image(self, ctx: PreLLMContext, index: int, image: ImageTokens) -> Reduction:
+        keep = self.method.budget(len(image.features))
+        return Reduction.select(image, max_min_diversity(image.features.detach(), keep))
 
 
 @register

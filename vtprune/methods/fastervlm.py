@@ -1,27 +1,21 @@
 """FasterVLM: keep the patches the ViT's [CLS] token attends to most."""
 from __future__ import annotations
 
-from vtprune.methods.base import Method, register
+from vtprune.methods.base import ImageReducer, Method, register
 from vtprune.methods.scoring import cls_attention
 from vtprune.models.base import Adapter
 from vtprune.ops import group_topk
-from vtprune.runtime.operators import PreLLMContext, PreLLMOperator, Reduction
+from vtprune.runtime.operators import ImageTokens, PreLLMContext, Reduction
 
 
-class _ClsTopK(PreLLMOperator):
-    def __init__(self, method: Method) -> None:
-        self.method = method
-
-    def reduce(self, ctx: PreLLMContext) -> list[Reduction]:
-        reductions = []
-        for image in ctx.images:
-            scores = cls_attention(ctx, image)
-            view = image.partition.masked_fill(scores == float("-inf"), -1)
-            counts = image.partition.new_zeros(image.layout.num_partitions).scatter_add_(
-                0, view.clamp_min(0), (view >= 0).long())
-            keep = group_topk(scores[None], view[None], self.method.budgets(counts)[None])[0]
-            reductions.append(Reduction.select(image, keep.nonzero().flatten()))
-        return reductions
+class _ClsTopK(ImageReducer):
+    def reduce_image(self, ctx: PreLLMContext, index: int, image: ImageTokens) -> Reduction:
+        scores = cls_attention(ctx, image)
+        view = image.partition.masked_fill(scores == float("-inf"), -1)
+        counts = image.partition.new_zeros(image.layout.num_partitions).scatter_add_(
+            0, view.clamp_min(0), (view >= 0).long())
+        keep = group_topk(scores[None], view[None], self.method.budgets(counts)[None])[0]
+        return Reduction.select(image, keep.nonzero().flatten())
 
 
 @register

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from vtprune.methods.base import Method, Param, register
+from vtprune.methods.base import ImageReducer, Method, Param, register
 from vtprune.models.base import Adapter
 from vtprune.ops import (
     Sources,
@@ -14,20 +14,13 @@ from vtprune.ops import (
     split_budget,
     uniform_grid_indices,
 )
-from vtprune.runtime.operators import ImageTokens, PreLLMContext, PreLLMOperator, Reduction
+from vtprune.runtime.operators import ImageTokens, PreLLMContext, Reduction
 
 
-class _Random(PreLLMOperator):
-    def __init__(self, method: Method) -> None:
-        self.method = method
-
-    def reduce(self, ctx: PreLLMContext) -> list[Reduction]:
-        reductions = []
-        for i, image in enumerate(ctx.images):
-            n = len(image.features)
-            keep = random_indices(1, n, self.method.budget(n), ctx.generator(i))[0]
-            reductions.append(Reduction.select(image, keep))
-        return reductions
+class _Random(ImageReducer):
+    def reduce_image(self, ctx: PreLLMContext, index: int, image: ImageTokens) -> Reduction:
+        n = len(image.features)
+        return Reduction.select(image, random_indices(1, n, self.method.budget(n), ctx.generator(index))[0])
 
 
 @register
@@ -54,19 +47,13 @@ def _grids(image: ImageTokens) -> list[tuple[torch.Tensor, tuple[int, int]]]:
     return [(image.raster(g), shape) for g, shape in enumerate(image.layout.grid_shapes)]
 
 
-class _Uniform(PreLLMOperator):
-    def __init__(self, method: Method) -> None:
-        self.method = method
-
-    def reduce(self, ctx: PreLLMContext) -> list[Reduction]:
-        reductions = []
-        for image in ctx.images:
-            grids = _grids(image)
-            shares = split_budget(self.method.budget(len(image.features)), [h * w for _, (h, w) in grids])
-            keep = [raster[uniform_grid_indices(h, w, k).to(raster.device)]
-                    for (raster, (h, w)), k in zip(grids, shares) if k]
-            reductions.append(Reduction.select(image, torch.cat(keep).sort().values))
-        return reductions
+class _Uniform(ImageReducer):
+    def reduce_image(self, ctx: PreLLMContext, index: int, image: ImageTokens) -> Reduction:
+        grids = _grids(image)
+        shares = split_budget(self.method.budget(len(image.features)), [h * w for _, (h, w) in grids])
+        keep = [raster[uniform_grid_indices(h, w, k).to(raster.device)]
+                for (raster, (h, w)), k in zip(grids, shares) if k]
+        return Reduction.select(image, torch.cat(keep).sort().values)
 
 
 @register
@@ -88,24 +75,17 @@ class UniformKeep(Method):
         return [_Uniform(self)]
 
 
-class _Pool(PreLLMOperator):
-    def __init__(self, method: Method) -> None:
-        self.method = method
-
-    def reduce(self, ctx: PreLLMContext) -> list[Reduction]:
-        reductions = []
-        for image in ctx.images:
-            grids = _grids(image)
-            shares = pool_budgets(self.method.budget(len(image.features)), [shape for _, shape in grids])
-            features, sources = [], []
-            for (raster, shape), k in zip(grids, shares):
-                if not k:
-                    continue
+class _Pool(ImageReducer):
+    def reduce_image(self, ctx: PreLLMContext, index: int, image: ImageTokens) -> Reduction:
+        grids = _grids(image)
+        shares = pool_budgets(self.method.budget(len(image.features)), [shape for _, shape in grids])
+        features, sources = [], []
+        for (raster, shape), k in zip(grids, shares):
+            if k:
                 pooled, weights = pool_grid(image.features[raster][None], shape, pool_grid_shape(*shape, k))
                 features.append(pooled[0])
                 sources.append(image.sources.select(raster).compose(Sources.from_dense(weights)))
-            reductions.append(Reduction(torch.cat(features), Sources.cat(sources)))
-        return reductions
+        return Reduction(torch.cat(features), Sources.cat(sources))
 
 
 @register

@@ -8,7 +8,7 @@ import torch
 from vtprune.methods.base import Method, Param, register
 from vtprune.models.base import Adapter
 from vtprune.ops import bipartite_soft_matching, merge_destination, merge_weighted_mean
-from vtprune.runtime.operators import PreLLMContext, PreLLMOperator, Reduction, VisionOperator, VisionState
+from vtprune.runtime.operators import ImageTokens, PreLLMContext, PreLLMOperator, Reduction, VisionOperator, VisionState
 
 
 def _capacity(tokens: int) -> int:
@@ -78,15 +78,12 @@ class _Order(PreLLMOperator):
     def __init__(self, order: str) -> None:
         self.order = order
 
-    def reduce(self, ctx: PreLLMContext) -> list[Reduction]:
-        reductions = []
-        for image in ctx.images:
-            order = torch.arange(len(image.features), device=image.features.device)
-            if self.order == "raster":
-                centre = image.sources.mean(torch.arange(len(image.layout), device=order.device))
-                order = torch.sort(centre, stable=True).indices
-            reductions.append(Reduction.select(image, order))
-        return reductions
+    def reduce_image(self, ctx: PreLLMContext, index: int, image: ImageTokens) -> Reduction:
+        order = torch.arange(len(image.features), device=image.features.device)
+        if self.order == "raster":
+            centre = image.sources.mean(torch.arange(len(image.layout), device=order.device))
+            order = torch.sort(centre, stable=True).indices
+        return Reduction.select(image, order)
 
 
 @register

@@ -6,7 +6,6 @@ model's image-feature methods are called (``encode``); each image's ``ImageLayou
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -32,7 +31,6 @@ class VisionTrace:
 
     hidden_states: tuple[torch.Tensor, ...]
     feature_block: int
-    tokens_per_view: int
 
 
 @dataclass(eq=False)
@@ -133,10 +131,6 @@ class Adapter:
     def fixed_tokens_per_image(self) -> int | None:
         """Visual tokens of every image when the family has one fixed layout (LLaVA-1.5), else None."""
         return None
-
-    def signature(self, method: str) -> inspect.Signature:
-        """Signature of the multimodal model's own encoder method (what callers and ``generate`` pass to it)."""
-        return inspect.signature(getattr(type(self.multimodal_model), method))
 
     # --- encoding ---------------------------------------------------------------------------------------------
     def encode(self, method: str, arguments: dict[str, Any], owner: Callable[[int], torch.Tensor | None]

@@ -95,8 +95,7 @@ class LlavaAdapter(Adapter):
         merge = owner(block)
         layout = self.layout("grid", lambda: ImageLayout.grids([self.grid]), projected.device)
         count = projected.shape[0]
-        traces = [VisionTrace(tuple(h[i:i + 1] for h in out.hidden_states), block, layout.num_vision_tokens)
-                  for i in range(count)]
+        traces = [VisionTrace(tuple(h[i:i + 1] for h in out.hidden_states), block) for i in range(count)]
         return records_from_views([layout] * count, [1] * count, projected,
                                   None if merge is None else merge[:, 1:] - 1, list(pixel_values), traces)
 

@@ -84,8 +84,7 @@ class LlavaNextAdapter(LlavaAdapter):
         for size, count in zip(image_sizes, views):
             key = (tuple(int(s) for s in size), count)
             layouts.append(self.layout(key, lambda: self._build_layout(size, count), projected.device))
-            traces.append(VisionTrace(tuple(h[start:start + count] for h in out.hidden_states), block,
-                                      self.view_tokens))
+            traces.append(VisionTrace(tuple(h[start:start + count] for h in out.hidden_states), block))
             pixels.append(pixel_values[start:start + count])
             start += count
         return records_from_views(layouts, views, projected, None if merge is None else merge[:, 1:] - 1, pixels,

@@ -4,7 +4,7 @@ Nothing here knows about a model; adapters compute queries/keys, methods decide 
 """
 from vtprune.ops.attention import apply_rotary, attention_probs, rotate_half
 from vtprune.ops.diversity import max_min_diversity
-from vtprune.ops.grid import grid_shape, pool_budgets, pool_grid_shape, split_budget, uniform_grid_indices
+from vtprune.ops.grid import pool_budgets, pool_grid_shape, split_budget, uniform_grid_indices
 from vtprune.ops.merge import (
     MergePlan,
     bipartite_soft_matching,
@@ -22,7 +22,6 @@ __all__ = [
     "apply_rotary",
     "attention_probs",
     "bipartite_soft_matching",
-    "grid_shape",
     "group_topk",
     "max_min_diversity",
     "merge_destination",

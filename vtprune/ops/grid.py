@@ -6,14 +6,6 @@ import math
 import torch
 
 
-def grid_shape(n: int) -> tuple[int, int]:
-    """(height, width) of a square raster of ``n`` tokens; raises if ``n`` is not a square."""
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"{n} visual tokens do not form a square grid")
-    return side, side
-
-
 def uniform_grid_indices(height: int, width: int, k: int) -> torch.Tensor:
     """Exactly ``k`` raster indices spread as a regular 2-D lattice over a ``height x width`` grid.
 

@@ -114,9 +114,14 @@ class PreLLMContext:
 
 
 class PreLLMOperator:
+    """Reduces the images of a batch; by default each image on its own (``reduce_image``)."""
+
     stage = "pre_llm"
 
     def reduce(self, ctx: PreLLMContext) -> list[Reduction]:
+        return [self.reduce_image(ctx, index, image) for index, image in enumerate(ctx.images)]
+
+    def reduce_image(self, ctx: PreLLMContext, index: int, image: ImageTokens) -> Reduction:
         raise NotImplementedError
 
 
@@ -158,8 +163,8 @@ class Transition:
     """What happens to the current token set before a layer (all [B, n] over the current tokens unless noted).
 
     - ``keep``: which candidates survive (non-candidates follow the runtime's rules: text always stays);
-    - ``merge_into``: for a dropped candidate, the index of the kept visual token it is merged into (size-weighted mean of
-      hidden states, as ToMe; -1: discarded); the kept token keeps its own position;
+    - ``merge_into``: for a dropped candidate, the index of the kept visual token it is merged into (size-weighted
+      mean of hidden states, as ToMe; -1: discarded); the kept token keeps its own position;
     - ``restore`` [B, r]: rows of the LLM-input sequence to bring back (-1: padding), with ``restore_hidden``
       [B, r, D] their hidden states (the operator chooses and documents them); they rejoin in sequence order with
       their original positions;
