@@ -190,3 +190,19 @@ def test_images_with_inputs_embeds_only_are_refused(fresh):
     with vtprune.apply(model, "random", keep=4), pytest.raises(ValueError, match="pass input_ids, not inputs_embeds"):
         model(inputs_embeds=embeds, attention_mask=mask, pixel_values=images(1))
     _untouched(model, ids, mask, ref)
+
+
+def test_a_pruned_cache_is_not_continued_without_its_pruner():
+    family = Family("llava")
+    model = family.model()
+    inputs = family.inputs([["user:", picture(90, 90, 1), "what", "?"]])
+    with torch.no_grad():
+        with vtprune.apply(model, "fastv", keep=4, layer=1):
+            cache = model(**inputs, use_cache=True).past_key_values
+        step = {"input_ids": torch.tensor([[6]]),
+                "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], 1)}
+        with pytest.raises(RuntimeError, match="its pruner was removed; continue it with that pruner installed"):
+            model(**step, past_key_values=cache)
+        with vtprune.apply(model, "fastv", keep=4, layer=1), pytest.raises(
+                RuntimeError, match="filled under another vtprune pruner"):
+            model(**step, past_key_values=cache)

@@ -96,10 +96,10 @@ def test_in_llm_drop_gives_per_layer_cache_lengths(model):
     ids, mask = batch([prompt([1, 5, 6], [7, 8, 9])])
     with torch.no_grad(), vtprune.apply(model, "fastv", keep=5, layer=2):
         out = model(input_ids=ids, attention_mask=mask, pixel_values=images(1), use_cache=True)
+        assert out.past_key_values.get_seq_length() == ids.shape[1]  # the logical length: tokens seen
     lengths = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
     n = ids.shape[1]
     assert lengths == [n, n, n - N_VISUAL + 5, n - N_VISUAL + 5]
-    assert out.past_key_values.get_seq_length() == n  # the logical length: tokens seen, not entries kept
 
 
 class _Scripted(Method):
@@ -345,3 +345,12 @@ def test_labels_are_aligned_to_the_pruned_output():
     aligned = torch.where(positions >= 0, labels[0][positions.clamp_min(0)], -100)
     expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], aligned[1:], ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_gradients_reach_the_projector_through_a_pre_llm_selection():
+    """Training a model under a pruner: the kept image features stay differentiable."""
+    model = tiny_llava(seed=8)
+    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9])])
+    with vtprune.apply(model, "divprune", keep=6):
+        model(input_ids=ids, attention_mask=mask, pixel_values=images(1)).logits[:, -1].sum().backward()
+    assert model.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0

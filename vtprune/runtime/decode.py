@@ -141,6 +141,12 @@ def adopt(cache: Any, state: CacheState) -> None:
     cache.__dict__["_vtprune"] = state
 
     def get_seq_length(layer_idx: int = 0) -> int:
+        owner = state.owner()
+        if owner is None or not owner.installed:  # the stock model would read per-layer lengths as one: refuse
+            raise RuntimeError(
+                "this KV cache holds a pruned prompt (its layers keep different tokens) and its pruner was removed; "
+                "continue it with that pruner installed, or start a new generation from the prompt"
+            )
         return state.length
 
     def crop(tokens_to_remove: int) -> None:

@@ -148,9 +148,8 @@ def build_universe(
     batch, device = embeds.shape[0], embeds.device
     spans = [embeds[image.sample, image.start:image.start + image.length] for image in placed]
     tokens = [_image_tokens(image, span, policy) for image, span in zip(placed, spans)]
-    if pre_llm is not None:
-        with torch.no_grad():
-            reductions = pre_llm.reduce(PreLLMContext(adapter, tokens, seed))
+    if pre_llm is not None:  # selections are not differentiable, the features they keep are
+        reductions = pre_llm.reduce(PreLLMContext(adapter, tokens, seed))
     else:
         reductions = [Reduction(t.features, t.sources) for t in tokens]
 
@@ -271,13 +270,13 @@ class Prefill:
     input_length: int = 0
 
     @staticmethod
-    def start(universe: Universe, original_next: torch.Tensor) -> Prefill:
+    def start(universe: Universe, original_next: torch.Tensor, input_length: int) -> Prefill:
         batch, n = universe.valid.shape
         rows = torch.arange(n, device=universe.valid.device).expand(batch, n).masked_fill(~universe.valid, -1)
         tokens = TokenSet(rows, universe.hidden, universe.positions,
                           torch.ones(batch, n, dtype=torch.float32, device=rows.device))
         owner = rows.masked_fill(~universe.visual, -1)
-        return Prefill(universe, tokens, owner, original_next, shift=universe.shift)
+        return Prefill(universe, tokens, owner, original_next, shift=universe.shift, input_length=input_length)
 
 
 def apply_transition(prefill: Prefill, change: Transition, policy: str, renumber_positions: bool) -> None:

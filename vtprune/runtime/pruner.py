@@ -17,6 +17,7 @@ not mix. The model keeps its attention implementation: attention rows are recomp
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -78,6 +79,7 @@ class _Call:
     labels: torch.Tensor | None = None
     expect_language_model: bool = False
     prefill: Prefill | None = None
+    stats: Stats | None = None
     decode: CacheState | None = None
     cache: Any = None
 
@@ -128,6 +130,7 @@ class Pruner:
                 self._step_ops.setdefault(layer, []).append(op)
         self.operator_modules = nn.ModuleList([op for op in operators if isinstance(op, nn.Module)])
         self.stats: Stats | None = None
+        self.installed = False
         self._local = threading.local()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._overrides: list[tuple[nn.Module, str, Any]] = []
@@ -157,6 +160,7 @@ class Pruner:
     def install(self) -> Pruner:
         target = self.adapter.multimodal_model
         _ACTIVE[target] = weakref.ref(self)
+        self.installed = True
         device = next(self.model.parameters()).device
         self.operator_modules.to(device)
         if self.model is not target:
@@ -199,6 +203,7 @@ class Pruner:
             else:
                 module.__dict__[name] = previous
         self._overrides.clear()
+        self.installed = False
         self._local = threading.local()
         target = self.adapter.multimodal_model
         if target in _ACTIVE and _ACTIVE[target]() is self:
@@ -260,8 +265,8 @@ class Pruner:
         if call is None or call.labels is None or output is None or getattr(output, "logits", None) is None:
             return
         labels = call.labels.to(output.logits.device)
-        if self.stats is not None:
-            columns = self.stats.output_positions.to(labels.device)
+        if call.stats is not None:  # this call's own prefill (another thread may have run one since)
+            columns = call.stats.output_positions.to(labels.device)
             labels = labels.gather(1, columns.clamp_min(0)).masked_fill(columns < 0, -100)
         config = getattr(self.model.config, "text_config", self.model.config)
         output["loss"] = self.model.loss_function(logits=output.logits, labels=labels, vocab_size=config.vocab_size)
@@ -280,7 +285,7 @@ class Pruner:
         if call is None or output is None:
             return
         if call.prefill is not None:
-            self.stats = Stats(call.prefill, len(self.adapter.decoder_layers))
+            self.stats = call.stats = Stats(call.prefill, len(self.adapter.decoder_layers))
             cache = getattr(output, "past_key_values", None)
             if cache is not None:
                 self._adopt(cache, call.prefill)
@@ -291,8 +296,6 @@ class Pruner:
 
     @staticmethod
     def _bind(function, args: tuple, kwargs: dict) -> dict[str, Any]:
-        import inspect
-
         try:
             bound = inspect.signature(function).bind_partial(*args, **kwargs).arguments
         except TypeError:
@@ -334,15 +337,18 @@ class Pruner:
         if args:
             raise RuntimeError("vtprune expects the language model to be called with keyword arguments")
         cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
+        state = state_of(cache)
+        if state is not None and state.owner() is not self and state.length:
+            raise RuntimeError("this KV cache was filled under another vtprune pruner; continue it with that pruner "
+                               "installed, or start a new generation from the prompt")
+        past = state.length if state is not None else (cache.get_seq_length() if cache is not None else 0)
         if past == 0:
             if cache is not None:
                 release(cache)
             return self._start_prefill(call, kwargs)
-        state = state_of(cache)
-        if state is None or state.owner() is not self:
+        if state is None:
             self._refuse_images(call, "continuing a KV cache that this pruner did not fill")
-            return None  # text continuing someone else's cache: nothing to prune
+            return None  # text continuing an unpruned cache: nothing to prune
         return self._start_decode(call, state, kwargs)
 
     @staticmethod
@@ -381,8 +387,7 @@ class Pruner:
         positions = self.adapter.positions_in(kwargs.get("position_ids"), batch, length, 0, embeds.device)
         universe = build_universe(self.adapter, embeds, valid, positions, placed, self.pre_llm_op, self.separators,
                                   self.positions == "renumber", getattr(self.method, "seed", 0) or 0)
-        call.prefill = Prefill.start(universe, positions[0, :, -1] + 1)
-        call.prefill.input_length = length
+        call.prefill = Prefill.start(universe, positions[0, :, -1] + 1, length)
         kwargs.update(inputs_embeds=universe.hidden, attention_mask=None,
                       position_ids=self.adapter.positions_out(universe.positions))
         return (), kwargs
@@ -513,8 +518,6 @@ class Pruner:
 
 def _encode_with(adapter, modality: Modality, args: tuple, kwargs: dict, state: VisionState | None,
                  vision_key: object) -> EncodedImages:
-    import inspect
-
     method = getattr(type(adapter.multimodal_model), modality.method)
     bound = inspect.signature(method).bind(adapter.multimodal_model, *args, **kwargs)
     bound.apply_defaults()
