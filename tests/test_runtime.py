@@ -107,7 +107,7 @@ class _Scripted(Method):
 
     name = "scripted"
     paper = "test"
-    stages = ("layer", "decode")
+    stages = ("pre_llm", "layer", "decode")
 
     def __init__(self, *ops, **values) -> None:
         super().__init__(**values)
@@ -354,3 +354,36 @@ def test_gradients_reach_the_projector_through_a_pre_llm_selection():
     with vtprune.apply(model, "divprune", keep=6):
         model(input_ids=ids, attention_mask=mask, pixel_values=images(1)).logits[:, -1].sum().backward()
     assert model.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0
+
+
+class _TagEvery(vtprune.runtime.PreLLMOperator):
+    """Keep every token; tag every fifth one as 'protected'."""
+
+    def reduce_image(self, ctx, index, image):
+        tags = {"protected": (torch.arange(len(image.features)) % 5 == 0).float()}
+        return vtprune.runtime.Reduction(image.features, image.sources, tags)
+
+
+class _KeepProtected(LayerOperator):
+    """Keep only the tagged tokens; record where the tokens it saw lie on the grid."""
+
+    def __init__(self) -> None:
+        self.layers, self.seen = (2,), {}
+
+    def transform(self, ctx):
+        self.seen = {"row": ctx.row.clone(), "col": ctx.col.clone(), "visual": ctx.visual.clone()}
+        return Transition(keep=ctx.tags["protected"] > 0)
+
+
+def test_tags_and_grid_coordinates_reach_layer_operators(model):
+    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9]), prompt([2], [4, 4])])
+    layer_op = _KeepProtected()
+    with torch.no_grad(), vtprune.apply(model, _Scripted(_TagEvery(), layer_op)) as pruner:
+        model(input_ids=ids, attention_mask=mask, pixel_values=images(2))
+    protected = torch.arange(0, N_VISUAL, 5)
+    for b in range(2):
+        assert torch.equal(pruner.stats.kept_patches(b).nonzero().flatten(), protected)
+        visual = layer_op.seen["visual"][b]
+        patches = layer_op.seen["row"][b][visual] * 6 + layer_op.seen["col"][b][visual]
+        assert torch.equal(patches, torch.arange(N_VISUAL))  # the 6x6 grid, in raster order
+    assert pruner.stats.visual_tokens[0].tolist() == [N_VISUAL, N_VISUAL, len(protected), len(protected)]

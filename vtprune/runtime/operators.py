@@ -86,10 +86,13 @@ class ImageTokens:
 @dataclass
 class Reduction:
     """The visual tokens of one image that enter the LLM, in LLM order: ``features`` [k, D] and their ``sources``
-    over the image's layout (positions of merged tokens are the weighted mean of their sources')."""
+    over the image's layout (positions of merged tokens are the weighted mean of their sources'). ``tags``: named
+    per-token values [k] that layer operators read back (``LayerContext.tags``; e.g. tokens a later stage must keep).
+    """
 
     features: torch.Tensor
     sources: Sources
+    tags: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
     def select(tokens: ImageTokens, keep_indices: torch.Tensor) -> Reduction:
@@ -132,7 +135,9 @@ class LayerContext:
 
     ``visual``: alive visual tokens; ``candidate``: the visual tokens the operator decides over (the method's
     separator policy may exclude LLaVA-NeXT's newline tokens); ``image``: a token's image number in its sample (-1
-    text); ``image_candidates`` [B, G]: candidates each image had when it entered the LLM (budgets are per image);
+    text); ``grid``/``row``/``col``: its place on its image's grid (``ImageLayout``); ``tags``: values the pre-LLM
+    stage attached per token (0 for others); ``image_candidates`` [B, G]: candidates each image had when it entered
+    the LLM (budgets are per image);
     ``rows``: each token's row in the LLM-input sequence (``universe_hidden`` [B, n0, D] holds that sequence's
     layer-0 states, for operators that bring skipped tokens back); ``previous_input``: (hidden, rope) entering layer
     ``layer - 1`` when the operator asked for it; ``training``: trainable operators should return soft weights.
@@ -147,6 +152,10 @@ class LayerContext:
     image: torch.Tensor
     partition: torch.Tensor
     kind: torch.Tensor
+    grid: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    tags: dict[str, torch.Tensor]
     image_candidates: torch.Tensor
     positions: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor]

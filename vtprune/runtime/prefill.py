@@ -65,8 +65,10 @@ def place_images(input_ids: torch.Tensor, modalities: list[tuple[int, list[Image
 class Universe:
     """The LLM-input sequence, [B, n0] unless noted.
 
-    ``origin``: input column of text tokens (-1 visual and padding); ``image``/``kind``/``partition``: per visual
-    token (-1 text); ``candidate``: visual tokens layer operators decide over; ``group``: a visual token's
+    ``origin``: input column of text tokens (-1 visual and padding); ``image``/``kind``/``partition`` and
+    ``grid``/``row``/``col`` (its place on its image's grid; a merged token's rounded mean): per visual token (-1
+    text); ``tags``: per-token values a pre-LLM operator attached (0 elsewhere); ``candidate``: visual tokens layer
+    operators decide over; ``group``: a visual token's
     (image, grid, row) group id, for a separator the group it closes; ``grid_group``: a content token's (image, grid)
     id; ``visual_index``: its row in ``sources[b]``, which gives every visual token's weights over the sample's
     layout tokens (images concatenated); ``shift`` [B]: original next position minus this sequence's (renumbering).
@@ -79,6 +81,10 @@ class Universe:
     image: torch.Tensor
     kind: torch.Tensor
     partition: torch.Tensor
+    grid: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    tags: dict[str, torch.Tensor]
     candidate: torch.Tensor
     group: torch.Tensor
     grid_group: torch.Tensor
@@ -113,10 +119,12 @@ def _image_tokens(image: PlacedImage, span: torch.Tensor, policy: str) -> ImageT
 
 
 def _finish_image(reduction: Reduction, image: PlacedImage, span: torch.Tensor, span_positions: torch.Tensor,
-                  policy: str) -> tuple[torch.Tensor, Sources, torch.Tensor]:
-    """The image's tokens as they enter the LLM: the reduction plus its separators, in order, with positions."""
+                  policy: str) -> tuple[torch.Tensor, Sources, torch.Tensor, torch.Tensor]:
+    """The image's tokens as they enter the LLM: the reduction plus its separators, in order, with positions, and
+    the order (over the reduction's tokens, then the separators added) they were put in."""
     layout = image.record.layout
     features, sources = reduction.features.to(span.dtype), reduction.sources
+    order = torch.arange(len(sources), device=span.device)
     separators = layout.separators
     if layout.has_separators and policy != "candidates":
         if policy == "rows":  # a separator stays while a token of the row it closes (row -1: of its grid) does
@@ -129,7 +137,7 @@ def _finish_image(reduction: Reduction, image: PlacedImage, span: torch.Tensor, 
         order = sources.mean(torch.arange(len(layout), device=span.device)).argsort(stable=True)
         features, sources = features[order], sources.select(order)
     positions = sources.mean(span_positions.T.float()).round().long().T  # [P, k]
-    return features, sources, positions
+    return features, sources, positions, order
 
 
 def build_universe(
@@ -157,6 +165,7 @@ def build_universe(
     sources: list[list[Sources]] = [[] for _ in range(batch)]
     sizes: list[list[int]] = [[] for _ in range(batch)]
     images: list[list[PlacedImage]] = [[] for _ in range(batch)]
+    tag_names = sorted({name for reduction in reductions for name in reduction.tags})
     height = max([h for image in placed for h, _ in image.record.layout.grid_shapes] + [1]) + 2
     stride = height * max([len(image.record.layout.grid_shapes) for image in placed] + [1])
     cursors = [0] * batch
@@ -169,8 +178,10 @@ def build_universe(
         piece.setdefault("positions", []).append(positions[:, b, start:end])
         piece.setdefault("valid", []).append(valid[b, start:end])
         piece.setdefault("origin", []).append(torch.arange(start, end, device=device))
-        for name in ("image", "kind", "partition", "group", "grid_group", "visual_index"):
+        for name in ("image", "kind", "partition", "grid", "row", "col", "group", "grid_group", "visual_index"):
             piece.setdefault(name, []).append(torch.full((count,), -1, device=device))
+        for name in tag_names:
+            piece.setdefault("tag:" + name, []).append(torch.zeros(count, device=device))
         piece.setdefault("candidate", []).append(torch.zeros(count, dtype=torch.bool, device=device))
         cursors[b] = end
 
@@ -178,13 +189,22 @@ def build_universe(
         b, layout = image.sample, image.record.layout
         text(b, image.start)
         span_positions = positions[:, b, image.start:image.start + image.length]
-        features, image_sources, image_positions = _finish_image(reduction, image, span, span_positions, policy)
+        features, image_sources, image_positions, order = _finish_image(reduction, image, span, span_positions,
+                                                                         policy)
         k = len(image_sources)
         strongest = image_sources.index.gather(1, image_sources.weight.argmax(1, keepdim=True))[:, 0]
         kind = layout.kind[strongest]
         row = image_sources.mean(layout.row).round().long()
-        base = image.number * stride + image_sources.mean(layout.grid).round().long() * height
+        grid = image_sources.mean(layout.grid).round().long()
+        base = image.number * stride + grid * height
         piece = rows[b]
+        piece["grid"].append(grid)
+        piece["row"].append(row)
+        piece["col"].append(image_sources.mean(layout.col).round().long())
+        for name in tag_names:
+            tag = reduction.tags.get(name)
+            tag = torch.zeros(len(reduction.sources), device=device) if tag is None else tag.float()
+            piece["tag:" + name].append(torch.cat([tag, tag.new_zeros(k - len(tag))])[order])
         piece["hidden"].append(features)
         piece["positions"].append(image_positions)
         piece["valid"].append(torch.ones(k, dtype=torch.bool, device=device))
@@ -222,7 +242,9 @@ def build_universe(
     image_candidates.scatter_add_(1, image_rows.clamp_min(0), candidate.long())
     return Universe(
         hidden=stack("hidden", 0.0), positions=new_positions.contiguous(), valid=new_valid, origin=stack("origin", -1),
-        image=image_rows, kind=stack("kind", -1), partition=stack("partition", -1), candidate=candidate,
+        image=image_rows, kind=stack("kind", -1), partition=stack("partition", -1), grid=stack("grid", -1),
+        row=stack("row", -1), col=stack("col", -1), tags={name: stack("tag:" + name, 0.0) for name in tag_names},
+        candidate=candidate,
         group=stack("group", -1), grid_group=stack("grid_group", -1), visual_index=stack("visual_index", -1),
         image_candidates=image_candidates, shift=shift,
         sources=[Sources.cat(s) if s else Sources.one_hot(torch.zeros(0, dtype=torch.long, device=device))

@@ -455,6 +455,8 @@ class Pruner:
             adapter=self.adapter, layer=index, hidden_states=tokens.hidden, valid=tokens.valid, visual=visual,
             candidate=tokens.lookup(universe.candidate), image=tokens.lookup(universe.image),
             partition=tokens.lookup(universe.partition), kind=tokens.lookup(universe.kind),
+            grid=tokens.lookup(universe.grid), row=tokens.lookup(universe.row), col=tokens.lookup(universe.col),
+            tags={name: tokens.lookup(tag) * tokens.valid for name, tag in universe.tags.items()},
             image_candidates=universe.image_candidates, positions=tokens.positions, rope=prefill.rope[1],
             rows=tokens.rows, universe_hidden=universe.hidden, universe_visual=universe.visual,
             previous_input=prefill.layer_inputs.get(index - 1), training=self._soft,
