@@ -387,3 +387,45 @@ def test_tags_and_grid_coordinates_reach_layer_operators(model):
         patches = layer_op.seen["row"][b][visual] * 6 + layer_op.seen["col"][b][visual]
         assert torch.equal(patches, torch.arange(N_VISUAL))  # the 6x6 grid, in raster order
     assert pruner.stats.visual_tokens[0].tolist() == [N_VISUAL, N_VISUAL, len(protected), len(protected)]
+
+
+def _vtprune_syncs(monkeypatch, run) -> int:
+    """Host syncs (tensor -> Python value) made by vtprune's own code while ``run()`` executes."""
+    import os
+    import sys
+
+    package = os.path.dirname(vtprune.__file__)
+    count = [0]
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.startswith(package):
+                count[0] += 1
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name in ("__bool__", "item", "tolist", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    run()
+    monkeypatch.undo()
+    return count[0]
+
+
+@pytest.mark.parametrize("method,params", [("fastv", {"keep": 6, "layer": 1}), ("divprune", {"keep": 6}),
+                                           ("fastv", {"keep": 6, "layer": 1, "positions": "renumber"})])
+def test_decode_steps_make_no_host_sync(model, monkeypatch, method, params):
+    """Whatever a prefill decides once, a decode step adds no host-device synchronisation of vtprune's own."""
+    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9]), prompt([2], [4, 4])])
+    pixels = images(2)
+
+    def generate(steps):
+        return lambda: model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                      max_new_tokens=steps, do_sample=False)
+
+    with torch.no_grad(), vtprune.apply(model, method, **params):
+        short = _vtprune_syncs(monkeypatch, generate(2))
+        long = _vtprune_syncs(monkeypatch, generate(8))
+    assert short == long > 0
