@@ -179,3 +179,15 @@ def test_qwen_video_frames(name):
     assert pruner.stats.tokens_per_image[0][:, 0].tolist() == [4, 4]  # the image, then the video
     per_frame = pruner.stats.tokens_per_partition[0][1][:, 0]
     assert per_frame.tolist() == [2, 2]  # the budget shared between the video's two frame grids
+
+
+def test_llava_next_accepts_image_sizes_as_a_list():
+    family = Family("llava_next")
+    model = family.model()
+    inputs = family.inputs([["a", picture(100, 190, 1), "?"], ["b", picture(60, 60, 2), "?"]])
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        with vtprune.apply(model, "fastv", ratio=1.0):
+            listed = model(**{**inputs, "image_sizes": inputs["image_sizes"].tolist()}).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(listed[valid], reference[valid], atol=1e-5, rtol=1e-5)

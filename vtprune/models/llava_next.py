@@ -70,7 +70,10 @@ class LlavaNextAdapter(LlavaAdapter):
     def encode(self, method: str, arguments: dict[str, Any], owner: Callable[[int], torch.Tensor | None]
                ) -> list[ImageRecord]:
         block = self._feature_block(arguments)
-        pixel_values, image_sizes = arguments["pixel_values"], arguments["image_sizes"]
+        pixel_values = arguments["pixel_values"]
+        if arguments["image_sizes"] is None:
+            raise ValueError("vtprune: LLaVA-NeXT inputs need image_sizes (the processor returns them)")
+        image_sizes = torch.as_tensor(arguments["image_sizes"])
         views = [self._views(size) for size in image_sizes]
         if pixel_values.dim() == 5:  # (images, max views, C, H, W): drop the padding views
             pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, views)])
