@@ -429,3 +429,27 @@ def test_decode_steps_make_no_host_sync(model, monkeypatch, method, params):
         short = _vtprune_syncs(monkeypatch, generate(2))
         long = _vtprune_syncs(monkeypatch, generate(8))
     assert short == long > 0
+
+
+def test_a_new_token_masked_out_stays_invisible_to_later_steps(model):
+    """Decode steps fed one token each, the second one masked out by the caller's attention mask: later steps must
+    not see it, exactly as the unpruned model (full budget) does."""
+    ids, mask = batch([prompt([1, 5, 6], [7, 8, 9])])
+    pixels = images(1)
+    feeds = [(torch.tensor([[11]]), 1), (torch.tensor([[12]]), 0), (torch.tensor([[13]]), 1)]
+
+    def run():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True)
+        cache, full_mask, logits = out.past_key_values, mask, []
+        for token, keep in feeds:
+            full_mask = torch.cat([full_mask, torch.tensor([[keep]])], dim=1)
+            step = model(input_ids=token, attention_mask=full_mask, past_key_values=cache, use_cache=True)
+            cache = step.past_key_values
+            logits.append(step.logits[:, -1])
+        return torch.stack(logits, 1)
+
+    with torch.no_grad():
+        reference = run()
+        with vtprune.apply(model, "fastv", ratio=1.0):
+            pruned = run()
+    torch.testing.assert_close(pruned[:, [0, 2]], reference[:, [0, 2]], atol=1e-5, rtol=1e-5)

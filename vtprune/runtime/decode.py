@@ -76,9 +76,11 @@ class CacheState:
         self.visual_rows = self.visual_rows.repeat_interleave(repeats, dim=0)
 
     # --- a decode step ------------------------------------------------------------------------------------------
-    def begin_step(self, new_valid: torch.Tensor, dtype: torch.dtype, implementation: str,
+    def begin_step(self, new_valid: torch.Tensor, known_valid: bool, dtype: torch.dtype, implementation: str,
                    positions: torch.Tensor, rotary) -> None:
-        """Append the step's q tokens to every track and build each track's mask (and RoPE when shifted)."""
+        """Append the step's q tokens to every track and build each track's mask (and RoPE when shifted).
+        ``known_valid``: the new tokens are all real (no attention mask was given); otherwise a track stops being
+        clean, since checking the mask would cost a host sync at every step."""
         q = new_valid.shape[1]
         rows = (torch.arange(q, device=new_valid.device) + self.next_row).expand_as(new_valid)
         rows = rows.masked_fill(~new_valid, -1)
@@ -88,6 +90,7 @@ class CacheState:
             track.positions = None if track.shift is None else positions - track.shift[None, :, None]
             track.rope = None if track.shift is None else rotary(track.positions)
             track.rows = torch.cat([track.rows, rows], dim=1)
+            track.clean = track.clean and known_valid
         self.next_row += q
         self.length += q
 

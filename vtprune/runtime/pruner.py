@@ -403,7 +403,7 @@ class Pruner:
         new_valid = (mask2d[:, -q:].bool() if mask2d is not None and mask2d.dim() == 2
                      else torch.ones(batch, q, dtype=torch.bool, device=embeds.device))
         positions = self.adapter.positions_in(kwargs.get("position_ids"), batch, q, state.length, embeds.device)
-        state.begin_step(new_valid, embeds.dtype, self.adapter.attn_implementation, positions,
+        state.begin_step(new_valid, mask2d is None, embeds.dtype, self.adapter.attn_implementation, positions,
                          lambda shifted: self.adapter.rotary(embeds, shifted))
         call.decode = state
         call.cache = kwargs.get("past_key_values")
