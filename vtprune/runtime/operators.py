@@ -21,7 +21,8 @@ import torch
 
 from vtprune.models.base import Adapter, ImageRecord
 from vtprune.models.layout import ImageLayout
-from vtprune.ops import Sources
+from vtprune.models.text import query_key
+from vtprune.ops import Sources, attention_probs
 
 
 # --- vision -----------------------------------------------------------------------------------------------------
@@ -229,9 +230,6 @@ class DecodeStepContext:
 
     def query_attention(self) -> torch.Tensor:
         """Attention [B, H, q, len] of the step's queries over the cached entries (float32, head by head)."""
-        from vtprune.models.text import query_key
-        from vtprune.ops import attention_probs
-
         layer = self.adapter.decoder_layers[self.layer]
         normed = layer.input_layernorm(self.hidden)
         rows = torch.arange(normed.shape[1], device=normed.device).expand(normed.shape[0], -1)

@@ -429,10 +429,7 @@ class Pruner:
         for op in self._ops_at.get(index, ()):
             change = op.transform(self._layer_context(prefill, index))
             apply_transition(prefill, change, self.separators, self.positions == "renumber")
-        tokens = prefill.tokens
-        if prefill.rope[0] != tokens.version:
-            prefill.rope = (tokens.version, self.adapter.rotary(tokens.hidden, tokens.positions))
-        rope = prefill.rope[1]
+        tokens, rope = prefill.tokens, self._rope(prefill)
         if index in self._needs_input:
             prefill.layer_inputs[index] = (tokens.hidden, rope)
         if prefill.mask is None or prefill.mask[0] != tokens.version:
@@ -446,10 +443,16 @@ class Pruner:
         prefill.tracks[index] = (tokens.rows, tokens.weight, prefill.shift)
         return tokens.hidden
 
-    def _layer_context(self, prefill: Prefill, index: int) -> LayerContext:
-        universe, tokens = prefill.universe, prefill.tokens
+    def _rope(self, prefill: Prefill) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) of the current token set, recomputed only after a transition changed it."""
+        tokens = prefill.tokens
         if prefill.rope[0] != tokens.version:
             prefill.rope = (tokens.version, self.adapter.rotary(tokens.hidden, tokens.positions))
+        return prefill.rope[1]
+
+    def _layer_context(self, prefill: Prefill, index: int) -> LayerContext:
+        universe, tokens = prefill.universe, prefill.tokens
+        rope = self._rope(prefill)
         visual = tokens.lookup(universe.visual)
         return LayerContext(
             adapter=self.adapter, layer=index, hidden_states=tokens.hidden, valid=tokens.valid, visual=visual,
@@ -457,7 +460,7 @@ class Pruner:
             partition=tokens.lookup(universe.partition), kind=tokens.lookup(universe.kind),
             grid=tokens.lookup(universe.grid), row=tokens.lookup(universe.row), col=tokens.lookup(universe.col),
             tags={name: tokens.lookup(tag) * tokens.valid for name, tag in universe.tags.items()},
-            image_candidates=universe.image_candidates, positions=tokens.positions, rope=prefill.rope[1],
+            image_candidates=universe.image_candidates, positions=tokens.positions, rope=rope,
             rows=tokens.rows, universe_hidden=universe.hidden, universe_visual=universe.visual,
             previous_input=prefill.layer_inputs.get(index - 1), training=self._soft,
         )
