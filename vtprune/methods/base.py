@@ -5,6 +5,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from vtprune.models.base import CAPABILITIES, Adapter
@@ -44,7 +45,7 @@ class Param:
                 raise ValueError(f"{method}: {self.name}={value!r} must be a number")
             value = float(value)
         elif self.kind is bool:
-            if not isinstance(value, (bool, getattr(__import__("numpy"), "bool_"))):
+            if not isinstance(value, (bool, np.bool_)):
                 raise ValueError(f"{method}: {self.name}={value!r} must be True or False")
             value = bool(value)
         elif self.kind is str and not isinstance(value, str):

@@ -86,6 +86,10 @@ class Sources:
         weight = combination.weight[..., None] * self.weight[combination.index]
         return Sources(index.flatten(1), weight.flatten(1))
 
+    def strongest(self) -> torch.Tensor:
+        """Each token's source with the largest weight [k] (the first of equals)."""
+        return self.index.gather(1, self.weight.argmax(1, keepdim=True))[:, 0]
+
     def total(self) -> torch.Tensor:
         """Summed weight of each token [k]."""
         return self.weight.sum(-1)

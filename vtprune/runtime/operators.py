@@ -80,8 +80,7 @@ class ImageTokens:
     @property
     def partition(self) -> torch.Tensor:
         """The view each token comes from [k] (its strongest source's)."""
-        strongest = self.sources.index.gather(1, self.sources.weight.argmax(1, keepdim=True))[:, 0]
-        return self.layout.partition[strongest]
+        return self.layout.partition[self.sources.strongest()]
 
 
 @dataclass

@@ -192,7 +192,7 @@ def build_universe(
         features, image_sources, image_positions, order = _finish_image(reduction, image, span, span_positions,
                                                                          policy)
         k = len(image_sources)
-        strongest = image_sources.index.gather(1, image_sources.weight.argmax(1, keepdim=True))[:, 0]
+        strongest = image_sources.strongest()
         kind = layout.kind[strongest]
         row = image_sources.mean(layout.row).round().long()
         grid = image_sources.mean(layout.grid).round().long()
