@@ -76,7 +76,7 @@ def _methods(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from vtprune.bench.reference import REFERENCE_DIR, train_reference
 
-    metrics = train_reference(args.output or REFERENCE_DIR, device=args.device)
+    metrics = train_reference(args.output or REFERENCE_DIR, device=args.device, vision_from=args.vision_from)
     print(json.dumps(metrics, indent=1))
 
 
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     train = commands.add_parser("train-reference", help="retrain the shipped MiniLLaVA from scratch")
     train.add_argument("--output", help="folder to write the checkpoint (default: the shipped one)")
     train.add_argument("--device", default="cpu")
+    train.add_argument("--vision-from", help="reuse stage (a)'s vision tower from this earlier checkpoint of the recipe")
     train.set_defaults(run=_train)
 
     args = parser.parse_args(argv)

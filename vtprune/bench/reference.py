@@ -588,6 +588,9 @@ class _PrefixLM:
                ground_layers: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """feats [B,576,Dv] + a :func:`_pack` batch -> (next-token logits [questions, V], grounding).
 
+        When the batch was packed ``with_answers``, the logits are [questions, 2, V]: at the answer
+        position (target: the answer) and at the answer token (target: ``</s>``).
+
         ``grounding`` [questions, layers, heads, 2] is the attention mass that each question's answer
         position puts, in ``ground_layers``, on its relevant patches and on its own question's tokens
         (None when no layer is asked).
@@ -623,7 +626,10 @@ class _PrefixLM:
             for h in handles:
                 h.remove()
         q_row, q_last = packed["q_row"].to(device), packed["q_last"].to(device)
-        logits = self.head(hidden[q_row, q_last])
+        if "answer_at" in packed:  # teacher-forced answers: also the logits that must predict </s>
+            logits = self.head(hidden[q_row[:, None], torch.stack([q_last, packed["answer_at"].to(device)], 1)])
+        else:
+            logits = self.head(hidden[q_row, q_last])
         if not ground_layers:
             return logits, None
         key_mask = packed["mask"][packed["q_row"], 0, packed["q_last"]].to(device)
@@ -685,16 +691,19 @@ def _standardise_projector(projector, feats: torch.Tensor, sample: int = 256) ->
 
 def _pack(questions: list[list[Question]], pad_id: int, prefix_len: int,
           image_keep: torch.Tensor | None = None, visible_fraction: float = 1.0,
-          gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+          gen: torch.Generator | None = None, eos_id: int | None = None) -> dict[str, torch.Tensor]:
     """One continuation row per image holding all its questions back to back (see :class:`_PrefixLM`).
 
     ``image_keep`` [images, K] (sorted patch indices) trains on a subset of the image tokens: the
     prefix then has ``prefix_len - 576 + K`` keys, but every token keeps its full-prompt position.
     ``visible_fraction`` < 1 hides from each question a random share of the image tokens it is not
     about (the curriculum of :func:`_train_language`); the image tokens themselves still see each other.
+    ``eos_id`` appends each question's answer and ``</s>`` (teacher forcing), so the model also learns
+    to end its answer: ``answer_at`` is the answer token's index, whose target is ``</s>``.
     """
     b = len(questions)
-    width = max(1, max(sum(len(q[0]) for q in qs) for qs in questions))
+    extra = 0 if eos_id is None else 2
+    width = max(1, max(sum(len(q[0]) + extra for q in qs) for qs in questions))
     keys = prefix_len if image_keep is None else prefix_len - NUM_IMAGE_TOKENS + image_keep.shape[1]
     suffix = torch.full((b, width), pad_id, dtype=torch.long)
     pos = torch.full((b, width), prefix_len, dtype=torch.long)
@@ -702,12 +711,13 @@ def _pack(questions: list[list[Question]], pad_id: int, prefix_len: int,
     mask[..., :keys] = True
     mask[:, 0, torch.arange(width), keys + torch.arange(width)] = True  # padding attends to itself
     head_len = prefix_len - NUM_IMAGE_TOKENS
-    q_row, q_last, answers, families, relevant = [], [], [], [], []
+    q_row, q_last, answers, families, relevant, answer_at = [], [], [], [], [], []
     for r, qs in enumerate(questions):
         t = 0
         for ids, answer, family, patches in qs:
             row = _patch_row(patches)
             relevant.append(row)
+            ids = list(ids) if eos_id is None else [*ids, answer, eos_id]
             n = len(ids)
             suffix[r, t:t + n] = torch.tensor(ids)
             pos[r, t:t + n] = prefix_len + torch.arange(n)
@@ -716,11 +726,14 @@ def _pack(questions: list[list[Question]], pad_id: int, prefix_len: int,
                 on = row if image_keep is None else row[image_keep[r]]
                 on = on | (torch.rand(on.shape, generator=gen) < visible_fraction)
                 mask[r, 0, t:t + n, head_len:keys] = on
-            q_row.append(r), q_last.append(t + n - 1), answers.append(answer), families.append(family)
+            q_row.append(r), q_last.append(t + n - 1 - extra), answers.append(answer), families.append(family)
+            answer_at.append(t + n - 2)
             t += n
     packed = {"suffix": suffix, "pos": pos, "mask": mask, "q_row": torch.tensor(q_row, dtype=torch.long),
               "q_last": torch.tensor(q_last, dtype=torch.long), "answers": torch.tensor(answers, dtype=torch.long),
               "families": torch.tensor(families, dtype=torch.long), "relevant": torch.stack(relevant)}
+    if eos_id is not None:
+        packed["answer_at"] = torch.tensor(answer_at, dtype=torch.long)
     if image_keep is not None:
         packed["image_keep"] = image_keep
         packed["relevant"] = packed["relevant"].gather(1, image_keep[packed["q_row"]])
@@ -783,7 +796,7 @@ def _train_language(plm: _PrefixLM, feats: torch.Tensor, pool: _Pool, val_feats:
                     seed: int, device: str, amp: bool, eval_every: int, log: Callable[[str], None],
                     log_every: int, question_layers: Sequence[int] = (), ground_layers: Sequence[int] = (),
                     ground_weight: float = 0.0, subset_tokens: int = 0, subset_steps: int = 0,
-                    curriculum_steps: int = 0) -> dict[str, Any]:
+                    curriculum_steps: int = 0, end_weight: float = 0.0) -> dict[str, Any]:
     params = plm.parameters()
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -818,14 +831,19 @@ def _train_language(plm: _PrefixLM, feats: torch.Tensor, pool: _Pool, val_feats:
         keep = _training_subset(questions, subset_tokens, gen) if subset_tokens and step < subset_steps else None
         # curriculum: each question first sees only the patches it is about, then more and more others
         visible = min(1.0, step / curriculum_steps) if curriculum_steps else 1.0
-        packed = _pack(questions, tokenizer.pad_token_id, plm.prefix_len, keep, visible, gen)
+        packed = _pack(questions, tokenizer.pad_token_id, plm.prefix_len, keep, visible, gen,
+                       eos_id=tokenizer.eos_token_id if end_weight else None)
         _set_lr(opt, _lr_at(step, steps, lr, warmup))
         with _autocast(device, amp):
             logits, grounding = plm.logits(feats[idx].to(device), packed,
                                            (*question_layers, *ground_layers) if ground_weight else ())
         logits = logits.float()
         answers = packed["answers"].to(device)
-        loss = F.cross_entropy(logits, answers)
+        end_loss = torch.zeros(())
+        if logits.ndim == 3:  # [questions, (answer, </s>), V]
+            end_loss = F.cross_entropy(logits[:, 1], torch.full_like(answers, tokenizer.eos_token_id))
+            logits = logits[:, 0]
+        loss = F.cross_entropy(logits, answers) + end_weight * end_loss
         ground_loss = torch.zeros(())
         if grounding is not None:
             # attention auxiliary: the answer position first reads its question, then its relevant patches
@@ -869,18 +887,19 @@ def train_reference(
     vit_batch: int = 32,
     vit_lr: float = 3e-3,
     vit_patch_weight: float = 1.0,
-    lm_steps: int = 4000,
+    lm_steps: int = 3200,
     subset_tokens: int = 128,
-    subset_steps: int = 3600,
-    curriculum_steps: int = 2000,
+    subset_steps: int = 700,
+    curriculum_steps: int = 700,
+    end_weight: float = 0.5,
     lm_batch: int = 8,
     lm_lr: float = 2e-3,
     lm_init_std: float = 0.06,
-    question_layers: Sequence[int] = (0, 1),
-    ground_layers: Sequence[int] = (2, 3),
-    ground_weight: float = 1.0,
+    question_layers: Sequence[int] = (),
+    ground_layers: Sequence[int] = (),
+    ground_weight: float = 0.0,
     weight_decay: float = 0.05,
-    eval_every: int = 500,
+    eval_every: int = 400,
     n_val: int = 480,
     n_test: int = 1200,
     vision_hidden: int = 128,
@@ -898,6 +917,7 @@ def train_reference(
     log_every: int = 25,
     verbose: bool = True,
     cache_dir: str | Path | None = None,
+    vision_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train MiniLLaVA from scratch with the current recipe (its status: see the module docstring).
 
@@ -911,7 +931,9 @@ def train_reference(
     Determinism: every random draw is derived from ``seed`` and the SynthVQA seeds, but two runs
     agree only to about 0.02 in val accuracy, not bit for bit (see the module docstring's status).
     Only the train split is trained on, val picks the language-model checkpoint, test is evaluated once at the end
-    on the model as reloaded from ``output_dir``.  ``cache_dir`` (optional) keeps the stage (a)
+    on the model as reloaded from ``output_dir``.  ``vision_from`` (optional) takes stage (a)'s tower
+    from an earlier checkpoint of this recipe instead of retraining it (its stage-(a) settings and wall
+    time are read from that checkpoint's ``training_log.json`` and must match).  ``cache_dir`` (optional) keeps the stage (a)
     tower and its features, keyed by the stage (a) settings, so that trying other stage (b)
     settings does not redo (a); it is a development aid and does not change the result.
     """
@@ -939,7 +961,8 @@ def train_reference(
     recipe = dict(seed=seed, device=device, n_scenes=n_scenes, question_sets=question_sets, vit_steps=vit_steps,
                   vit_batch=vit_batch, vit_lr=vit_lr, vit_patch_weight=vit_patch_weight, lm_steps=lm_steps,
                   lm_batch=lm_batch, lm_lr=lm_lr, lm_init_std=lm_init_std, subset_tokens=subset_tokens,
-                  subset_steps=subset_steps, curriculum_steps=curriculum_steps, question_layers=list(question_layers),
+                  subset_steps=subset_steps, curriculum_steps=curriculum_steps, end_weight=end_weight,
+                  question_layers=list(question_layers),
                   ground_layers=list(ground_layers), ground_weight=ground_weight,
                   weight_decay=weight_decay, eval_every=eval_every, n_val=n_val, n_test=n_test, vit_amp=vit_amp,
                   amp=amp, threads=torch.get_num_threads(), **arch)
@@ -974,7 +997,10 @@ def train_reference(
                                       "weight_decay", "n_val", "vit_amp", "vision_hidden", "vision_layers",
                                       "vision_heads")}
     cached = None
-    if cache_dir is not None:
+    if vision_from is not None:
+        cached = _stage_a_from_checkpoint(Path(vision_from), stage_a, model, pool, val_images,
+                                          processor.image_processor, device=device, log=log)
+    elif cache_dir is not None:
         key = hashlib.sha1(json.dumps(stage_a, sort_keys=True).encode()).hexdigest()[:12]
         cache_file = Path(cache_dir) / f"stage_a_{key}.pt"
         if cache_file.is_file():
@@ -1002,7 +1028,7 @@ def train_reference(
     pool.images = torch.empty(0)
     times["feature_extraction"] = cached["feature_seconds"] if cached else time.time() - t
     log(f"features {tuple(feats.shape)} ({times['feature_extraction']:.0f}s)")
-    if cache_dir is not None and cached is None:
+    if cache_dir is not None and cached is None and vision_from is None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         torch.save({"tower": model.model.vision_tower.state_dict(), "report": vit_report, "feats": feats,
                     "val_feats": val_feats, "seconds": times["vision_pretraining"],
@@ -1018,7 +1044,7 @@ def train_reference(
                                 amp=amp, eval_every=eval_every, log=log, log_every=log_every,
                                 question_layers=question_layers, ground_layers=ground_layers,
                                 ground_weight=ground_weight, subset_tokens=subset_tokens, subset_steps=subset_steps,
-                                curriculum_steps=curriculum_steps)
+                                curriculum_steps=curriculum_steps, end_weight=end_weight)
     times["language_training"] = time.time() - t
     del feats
 
@@ -1047,6 +1073,8 @@ def train_reference(
         "checkpoint_bytes": size,
         "wall_time_s": {k: round(v, 1) for k, v in times.items()},
         "stage_a_reused": cached is not None,
+        "stage_a_source": str(vision_from) if vision_from is not None else None,
+        "full_sequence_steps": full_sequence_steps(lm_steps, subset_steps, curriculum_steps),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "vision_pretraining": vit_report,
         "language_training": lm_report,
@@ -1064,6 +1092,31 @@ def train_reference(
     (output_dir / "training_log.txt").write_text("\n".join(lines) + "\n")
     (output_dir / "README.md").write_text(model_card(result))
     return result
+
+
+def full_sequence_steps(lm_steps: int, subset_steps: int, curriculum_steps: int) -> int:
+    """Stage-(b) steps on which every question saw all 576 image tokens (no subset, full visibility)."""
+    return max(0, lm_steps - max(subset_steps, curriculum_steps))
+
+
+def _stage_a_from_checkpoint(path: Path, stage_a: dict[str, Any], model, pool: _Pool, val_images: torch.Tensor,
+                             image_processor, *, device: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """Stage (a)'s output taken from an earlier checkpoint of the same stage-(a) recipe (see ``vision_from``)."""
+    from transformers import LlavaForConditionalGeneration
+
+    record = json.loads((path / "training_log.json").read_text())
+    theirs = {k: record["recipe"].get(k) for k in stage_a}
+    if theirs != stage_a:
+        diff = {k: (theirs[k], v) for k, v in stage_a.items() if theirs[k] != v}
+        raise ValueError(f"{path} was trained with other stage-(a) settings {diff}: retrain stage (a) instead")
+    earlier = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    model.model.vision_tower.load_state_dict(earlier.model.vision_tower.state_dict())
+    log(f"[vit] stage (a) taken from {path} (trained there in {record['wall_time_s']['vision_pretraining']:.0f}s)")
+    t = time.time()
+    feats = _extract_features(model, pool.images, image_processor, device=device, batch=32, log=log)
+    val_feats = _extract_features(model, val_images, image_processor, device=device, batch=32, log=log)
+    return {"tower": model.model.vision_tower.state_dict(), "report": record["vision_pretraining"], "feats": feats, "val_feats": val_feats,
+            "seconds": record["wall_time_s"]["vision_pretraining"], "feature_seconds": time.time() - t}
 
 
 def model_card(result: dict[str, Any]) -> str:
