@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from vtprune.bench import reference, synthvqa
+from vtprune import reference
+from vtprune.bench import synthvqa
 from vtprune.bench.flops import prefill_flops
 from vtprune.bench.plots import plot_report
 from vtprune.bench.runner import format_table, run_bench, save_report
@@ -39,12 +40,17 @@ def test_report_schema_and_token_accounting(report, tmp_path):
         assert RECORD_KEYS <= set(record), RECORD_KEYS - set(record)
         assert set(record["per_family"]) <= set(synthvqa.FAMILIES)
         assert np.array(record["keep_frequency"]).shape == (24, 24)
+        low, high = record["accuracy_ci"]
+        assert low <= record["accuracy"] <= high and record["scoring"] == "likelihood"
+        assert len(record["correct"]) == report["samples"] and np.mean(record["correct"]) == record["accuracy"]
     base, fastv64, tome64 = results[0], results[1], results[3]
     assert base["visual_tokens_per_layer"] == [576.0] * 4 and base["grounded_recall"] == 1.0
     assert fastv64["visual_tokens_per_layer"] == [576.0, 64.0, 64.0, 64.0]  # K = 1 on a 4-layer LLM
     assert fastv64["mean_visual_tokens"] == (576 + 3 * 64) / 4
     assert tome64["visual_tokens_per_layer"] == [64.0] * 4
-    assert tome64["grounded_recall"] == 1.0  # merged tokens cover every patch
+    # recall by weight: a patch averaged with 8 others into one token makes up 1/9 of it, with 3 others 1/4
+    assert results[5]["grounded_recall"] == pytest.approx(1 / 9) and results[6]["grounded_recall"] == pytest.approx(1 / 4)
+    assert 0 < tome64["grounded_recall"] < 1
     assert 0 < fastv64["flops_ratio"] < 1 and tome64["flops_ratio"] < fastv64["flops_ratio"]
     assert results[5]["kv_cache_mb"] < base["kv_cache_mb"]
     path = save_report(report, tmp_path)
@@ -68,7 +74,8 @@ def test_plots_are_written(report, tmp_path):
 
 
 def test_reusing_vit_outputs_changes_nothing():
-    from vtprune.bench.runner import Config, _batches, encode_batches, evaluate
+    from vtprune.bench.evaluate import evaluate, make_batches
+    from vtprune.bench.runner import encode_batches
 
     torch.manual_seed(1)
     config = reference.build_config(vision_hidden=32, vision_layers=6, text_hidden=64, text_layers=4,
@@ -76,12 +83,12 @@ def test_reusing_vit_outputs_changes_nothing():
     model = LlavaForConditionalGeneration(config).eval()
     processor = reference.build_processor()
     samples = synthvqa.load_split("test", 4)
-    batches = _batches(processor, samples, 2, reference.format_prompt)
+    batches = make_batches(processor, samples, 2, reference.format_prompt)
     cache = encode_batches(model, batches)
     for method in ("fastervlm", "fastv", "tome"):
-        cfg = Config(method, 64, {"keep": 64})
-        fresh = evaluate(model, processor, samples, cfg, batches, reference.format_prompt)
-        cached = evaluate(model, processor, samples, cfg, batches, reference.format_prompt, cache)
+        fresh = evaluate(model, processor, samples, method=method, params={"keep": 64}, batches=batches)
+        cached = evaluate(model, processor, samples, method=method, params={"keep": 64}, batches=batches,
+                          vision_cache=cache)
         assert fresh == cached
 
 

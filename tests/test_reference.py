@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from vtprune.bench import reference as ref
+from vtprune.bench.evaluate import evaluate
+from vtprune.reference import build
+from vtprune.reference import train as ref
 from vtprune.bench import synthvqa as sv
 
 TINY = dict(n_scenes=12, question_sets=2, vit_steps=2, vit_batch=4, lm_steps=3, lm_batch=4, eval_every=2,
@@ -31,7 +33,7 @@ def shipped():
 def test_shipped_checkpoint_is_a_llava_1_5_geometry_in_float32(shipped):
     model, processor, log = shipped
     assert next(model.parameters()).dtype == torch.float32
-    assert model.config.image_seq_length == ref.NUM_IMAGE_TOKENS
+    assert model.config.image_seq_length == build.NUM_IMAGE_TOKENS
     assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
     assert model.config.text_config.num_hidden_layers >= 8
     assert processor.tokenizer.padding_side == "left"
@@ -44,15 +46,15 @@ def test_shipped_checkpoint_reproduces_recorded_subset_accuracy(shipped):
     model, processor, log = shipped
     recorded = log["test_subset"]
     samples = sv.load_split("test", recorded["first"])
-    res = ref.evaluate(model, processor, samples, batch_size=16, return_predictions=True)
+    res = evaluate(model, processor, samples, batch_size=16, return_predictions=True)
     same = sum(p["prediction"] == q for p, q in zip(res["predictions"], recorded["predictions"]))
     assert same >= len(samples) - 1  # one flip allowed for a different BLAS summation order
     assert abs(round(res["accuracy"] * len(samples)) - recorded["correct"]) <= 1
 
 
 def test_tokenizer_round_trips_every_question_word():
-    tok = ref.build_tokenizer()
-    for word in sv.question_vocabulary() + sv.answer_vocabulary() + list(ref.ROLE_TOKENS):
+    tok = build.build_tokenizer()
+    for word in sv.question_vocabulary() + sv.answer_vocabulary() + list(build.ROLE_TOKENS):
         ids = tok(word, add_special_tokens=False).input_ids
         assert len(ids) == 1 and ids[0] != tok.unk_token_id, word
         assert tok.convert_ids_to_tokens(ids[0]) == word
@@ -64,18 +66,18 @@ def test_tokenizer_round_trips_every_question_word():
 
 
 def test_processor_expands_image_to_576_tokens_with_left_padding():
-    proc = ref.build_processor()
+    proc = build.build_processor()
     samples = sv.load_split("val", 6)
-    inputs = proc(images=[s.image for s in samples], text=[ref.format_prompt(s.question) for s in samples],
+    inputs = proc(images=[s.image for s in samples], text=[build.format_prompt(s.question) for s in samples],
                   return_tensors="pt", padding=True)
-    image_id = proc.tokenizer.convert_tokens_to_ids(ref.IMAGE_TOKEN)
-    assert ((inputs.input_ids == image_id).sum(1) == ref.NUM_IMAGE_TOKENS).all()
+    image_id = proc.tokenizer.convert_tokens_to_ids(build.IMAGE_TOKEN)
+    assert ((inputs.input_ids == image_id).sum(1) == build.NUM_IMAGE_TOKENS).all()
     assert inputs.pixel_values.shape == (6, 3, sv.IMAGE_SIZE, sv.IMAGE_SIZE)
     assert (inputs.attention_mask[:, -1] == 1).all()  # left padded: prompts end together
     assert (inputs.input_ids[:, -1] == proc.tokenizer.convert_tokens_to_ids("ASSISTANT:")).all()
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": samples[0].question}]}]
     assert proc.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
-        ref.format_prompt(samples[0].question)
+        build.format_prompt(samples[0].question)
 
 
 def test_shared_prefix_training_path_matches_full_forward():
@@ -83,9 +85,9 @@ def test_shared_prefix_training_path_matches_full_forward():
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    tok = ref.build_tokenizer()
-    proc = ref.build_processor(tok)
-    cfg = ref.build_config(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=64, text_layers=2,
+    tok = build.build_tokenizer()
+    proc = build.build_processor(tok)
+    cfg = build.build_config(vision_hidden=32, vision_layers=2, vision_heads=2, text_hidden=64, text_layers=2,
                            text_heads=4, text_kv_heads=2, text_intermediate=64, rope_theta=1e5)
     model = LlavaForConditionalGeneration(cfg).eval()
     samples = sv.load_split("val", 8)
@@ -97,7 +99,7 @@ def test_shared_prefix_training_path_matches_full_forward():
         fast, grounding = plm.logits(feats.float(), packed, ground_layers=(0, 1))
     seeds = list(dict.fromkeys(s.scene_seed for s in samples))
     ordered = [s for seed in seeds for s in samples if s.scene_seed == seed]
-    inputs = proc(images=[s.image for s in ordered], text=[ref.format_prompt(s.question) for s in ordered],
+    inputs = proc(images=[s.image for s in ordered], text=[build.format_prompt(s.question) for s in ordered],
                   return_tensors="pt", padding=True)
     model.set_attn_implementation("eager")  # only to read the reference attention maps
     with torch.no_grad():
@@ -118,14 +120,14 @@ def test_shared_prefix_training_path_matches_full_forward():
 def test_training_subset_keeps_positions_and_matches_a_pruned_forward():
     """Training on a subset of the image tokens = the decoder run on just those tokens at their own positions."""
     torch.manual_seed(0)
-    tok = ref.build_tokenizer()
-    cfg = ref.build_config(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64, text_layers=2,
+    tok = build.build_tokenizer()
+    cfg = build.build_config(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64, text_layers=2,
                            text_heads=4, text_kv_heads=2, text_intermediate=64)
     from transformers import LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration(cfg).eval()
     _, questions = ref._group_by_scene(sv.load_split("val", 6), tok)
-    feats = torch.randn(len(questions), ref.NUM_IMAGE_TOKENS, 32)
+    feats = torch.randn(len(questions), build.NUM_IMAGE_TOKENS, 32)
     keep = ref._training_subset(questions, 40, torch.Generator().manual_seed(0))
     for qs, row in zip(questions, keep):
         assert row.tolist() == sorted(set(row.tolist()))
@@ -134,7 +136,7 @@ def test_training_subset_keeps_positions_and_matches_a_pruned_forward():
     plm = ref._PrefixLM(model, tok)
     with torch.no_grad():
         fast, grounding = plm.logits(feats, ref._pack(questions, tok.pad_token_id, plm.prefix_len, keep), (1,))
-        everything = torch.arange(ref.NUM_IMAGE_TOKENS).expand(len(questions), -1)
+        everything = torch.arange(build.NUM_IMAGE_TOKENS).expand(len(questions), -1)
         torch.testing.assert_close(
             plm.logits(feats, ref._pack(questions, tok.pad_token_id, plm.prefix_len, everything))[0],
             plm.logits(feats, ref._pack(questions, tok.pad_token_id, plm.prefix_len))[0])
@@ -168,16 +170,16 @@ def test_train_reference_tiny_end_to_end(tmp_path):
     assert result["recipe"]["lm_steps"] == TINY["lm_steps"]
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "tiny")
     processor = AutoProcessor.from_pretrained(tmp_path / "tiny")
-    res = ref.evaluate(model, processor, sv.load_split("test", TINY["n_test"]), batch_size=6)
+    res = evaluate(model, processor, sv.load_split("test", TINY["n_test"]), batch_size=6)
     assert res["accuracy"] == pytest.approx(log["test"]["accuracy"])
     card = (tmp_path / "tiny" / "README.md").read_text()
     assert f"Overall {log['test']['accuracy']:.3f}" in card and "| reading |" in card
 
 
 def test_curriculum_mask_shows_each_question_only_its_patches_at_zero_visibility():
-    tok = ref.build_tokenizer()
+    tok = build.build_tokenizer()
     _, questions = ref._group_by_scene(sv.load_split("val", 12), tok)
-    prefix_len = 2 + ref.NUM_IMAGE_TOKENS
+    prefix_len = 2 + build.NUM_IMAGE_TOKENS
     gen = torch.Generator().manual_seed(0)
     hidden = ref._pack(questions, tok.pad_token_id, prefix_len, visible_fraction=0.0, gen=gen)
     full = ref._pack(questions, tok.pad_token_id, prefix_len)
@@ -196,8 +198,8 @@ def test_patch_targets_agree_with_the_object_masks_and_glyphs():
     scene = next(sv.generate_scene(seed) for seed in range(50)
                  if any(o.label is not None for o in sv.generate_scene(seed).objects))
     targets = ref.patch_targets(scene)
-    assert targets.shape == (len(ref.PATCH_TARGETS), ref.NUM_IMAGE_TOKENS)
-    covered = np.zeros(ref.NUM_IMAGE_TOKENS, bool)
+    assert targets.shape == (len(ref.PATCH_TARGETS), build.NUM_IMAGE_TOKENS)
+    covered = np.zeros(build.NUM_IMAGE_TOKENS, bool)
     for o in scene.objects:
         cover = o.patch_mask().reshape(-1)
         covered |= cover
@@ -220,5 +222,12 @@ def test_cli_bench_runs_the_shipped_checkpoint(shipped, tmp_path):
     assert "MiniLLaVA" in report["model"]
     unpruned = report["results"][0]
     assert unpruned["method"] == "unpruned"
-    expected = ref.evaluate(model, processor, sv.load_split("test", 12))
+    expected = evaluate(model, processor, sv.load_split("test", 12))
     assert unpruned["accuracy"] == pytest.approx(expected["accuracy"])
+
+
+def test_train_reference_refuses_to_overwrite_a_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        ref.train_reference(tmp_path, **TINY)
+    assert (tmp_path / "config.json").read_text() == "{}"

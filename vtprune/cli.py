@@ -11,17 +11,20 @@ import torch
 DEFAULT_SAMPLES = 480
 
 
-def _load(model_path: str | None, device: str):
-    """The model and processor to measure: ``model_path``, else the shipped MiniLLaVA checkpoint."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-    from vtprune.bench import reference
 
-    path = model_path or str(reference.REFERENCE_DIR)
-    if model_path is None and not (reference.REFERENCE_DIR / "config.json").exists():
-        raise SystemExit(f"no MiniLLaVA checkpoint in {reference.REFERENCE_DIR}: reinstall vtprune, retrain it with "
-                         "`vtprune train-reference`, or pass --model")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device).eval()
+def _load(model_path: str | None, device: str, dtype: str = "float32"):
+    """The model and processor to measure: ``model_path`` (any supported family), else the shipped MiniLLaVA."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vtprune import reference
+
+    try:
+        path = model_path or str(reference.path())
+    except FileNotFoundError as error:
+        raise SystemExit(f"{error}, or pass --model") from None
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
     return model, AutoProcessor.from_pretrained(path)
 
 
@@ -31,31 +34,38 @@ def _bench(args: argparse.Namespace) -> None:
     from vtprune.bench.runner import format_table, run_bench, save_report
     from vtprune.methods import REGISTRY
 
-    model, processor = _load(args.model, args.device)
+    model, processor = _load(args.model, args.device, args.dtype)
     methods = args.methods or sorted(REGISTRY)
     samples = sv.load_split("test", args.samples)
     start = time.perf_counter()
-    report = run_bench(model, processor, samples, methods, args.budgets, batch_size=args.batch_size)
+    report = run_bench(model, processor, samples, methods, args.budgets, batch_size=args.batch_size,
+                       scoring=args.scoring)
+    report["dtype"] = args.dtype
     report["model"] = args.model or "shipped MiniLLaVA (vtprune/reference/mini-llava)"
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
     path = save_report(report, out)
     print(format_table(report))
     print(f"\n{len(samples)} test questions, {report['wall_seconds']} s; JSON: {path}")
+    if args.readme:
+        from vtprune.bench.runner import update_readme
+
+        update_readme(report, Path(args.readme))
+        print(f"results table written into {args.readme}")
     if not args.no_plots:
         for plot in plot_report(report, out):
             print(f"plot: {plot}")
 
 
 def _show(args: argparse.Namespace) -> None:
-    from vtprune.bench import synthvqa as sv
-    from vtprune.bench.reference import format_prompt
+    from vtprune import reference
+    from vtprune.bench.evaluate import prompt_builder
     from vtprune.bench.show import show
 
     model, processor = _load(args.model, args.device)
-    sample = sv.load_split("test", args.sample + 1)[args.sample]
     params = {"keep": args.keep} if args.keep else {}
-    print(show(model, processor, sample, args.method, Path(args.out), format_prompt, **params))
+    print(show(model, processor, reference.sample(args.sample), args.method, Path(args.out),
+               prompt_builder(processor), **params))
 
 
 def _methods(args: argparse.Namespace) -> None:
@@ -74,10 +84,18 @@ def _methods(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from vtprune.bench.reference import REFERENCE_DIR, train_reference
+    from vtprune.reference.train import train_reference
 
-    metrics = train_reference(args.output or REFERENCE_DIR, device=args.device, vision_from=args.vision_from)
+    metrics = train_reference(args.output, device=args.device, vision_from=args.vision_from,
+                              overwrite=args.overwrite)
     print(json.dumps(metrics, indent=1))
+
+
+def _export_task(args: argparse.Namespace) -> None:
+    from vtprune.integrations.synthvqa_task import export_synthvqa
+
+    folder = export_synthvqa(args.folder, args.samples, args.split)
+    print(f"lmms-eval tasks synthvqa_mc and synthvqa_gen in {folder}: pass --include_path {folder}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,9 +108,14 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 192], help="visual tokens kept")
     bench.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="test questions (balanced families)")
     bench.add_argument("--batch-size", type=int, default=16)
-    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    bench.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model weights' dtype")
+    bench.add_argument("--scoring", default="likelihood", choices=["likelihood", "generate"],
+                       help="closed-choice answer likelihood, or greedy generation matched against the answer")
     bench.add_argument("--out", default="runs/bench", help="folder for bench.json and the plots")
     bench.add_argument("--no-plots", action="store_true")
+    bench.add_argument("--readme", help="also write the results table into this README (between its bench-results "
+                                        "markers)")
     bench.set_defaults(run=_bench)
 
     show = commands.add_parser("show", help="PNG of a test image with a method's kept tokens highlighted")
@@ -108,11 +131,18 @@ def main(argv: list[str] | None = None) -> None:
     listing.add_argument("--markdown", action="store_true", help="the method x model-family support table")
     listing.set_defaults(run=_methods)
 
-    train = commands.add_parser("train-reference", help="retrain the shipped MiniLLaVA from scratch")
-    train.add_argument("--output", help="folder to write the checkpoint (default: the shipped one)")
+    train = commands.add_parser("train-reference", help="retrain MiniLLaVA from scratch (the shipped recipe)")
+    train.add_argument("--output", default="runs/mini-llava", help="folder for the new checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --output")
     train.add_argument("--device", default="cpu")
     train.add_argument("--vision-from", help="reuse stage (a)'s vision tower from this earlier checkpoint of the recipe")
     train.set_defaults(run=_train)
+
+    export = commands.add_parser("export-lmms-task", help="SynthVQA as a local lmms-eval task folder")
+    export.add_argument("folder")
+    export.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="first N questions (as bench --samples)")
+    export.add_argument("--split", default="test", choices=["train", "val", "test"])
+    export.set_defaults(run=_export_task)
 
     args = parser.parse_args(argv)
     args.run(args)

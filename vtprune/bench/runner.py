@@ -1,9 +1,10 @@
 """``vtprune bench``: methods x budgets on a model and SynthVQA, measured side by side in one run.
 
-Per configuration: accuracy (closed-choice argmax of the next-token logits) overall and per family, retention
-(% of the unpruned accuracy), grounded recall (share of question-relevant patches covered by visual tokens alive
-after the last layer), visual tokens per LLM layer, analytic prefill FLOPs (``flops.py``), prefill latency as a
-ratio to the unpruned model timed interleaved with it, KV-cache size after prefill and peak memory of the prefill.
+Per configuration (answers scored by :mod:`vtprune.bench.evaluate`): accuracy overall and per family, retention (% of
+the unpruned accuracy), both with bootstrap 95% intervals, grounded recall (question-relevant tokens weighted by the
+share they make up of an alive token), visual tokens per LLM layer, analytic prefill FLOPs (``flops.py``), prefill
+latency as a ratio to the unpruned model timed interleaved with it, KV-cache size after prefill and peak memory of
+the prefill.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from tqdm import tqdm
 
 import vtprune
 from vtprune.bench import synthvqa as sv
-from vtprune.bench.flops import prefill_flops, text_config_dims
+from vtprune.bench.evaluate import evaluate, make_batches, to_model, prompt_builder
+from vtprune.bench.intervals import bootstrap_interval
 from vtprune.bench.memory import PeakMemory
-from vtprune.bench.reference import closed_prediction
 from vtprune.methods import get_method
 from vtprune.runtime import encode_images
 
@@ -49,72 +50,13 @@ def configs(methods: Sequence[str], budgets: Sequence[int]) -> list[Config]:
     return [Config(None, None, {})] + [Config(m, b, {"keep": b}) for m in methods for b in budgets]
 
 
-def _batches(processor, samples: Sequence[sv.Sample], batch_size: int, prompt) -> list[dict[str, torch.Tensor]]:
-    batches = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start:start + batch_size]
-        batches.append(processor(images=[s.image for s in chunk], text=[prompt(s.question) for s in chunk],
-                                 return_tensors="pt", padding=True))
-    return batches
-
-
 def encode_batches(model, batches) -> dict[int, Any]:
     """ViT outputs of every batch, for configurations whose methods leave the ViT alone."""
-    return {id(b["pixel_values"]): encode_images(model, pixel_values=b["pixel_values"]) for b in batches}
-
-
-def _model_inputs(inputs: dict[str, torch.Tensor], pruner, vision_cache: dict[int, Any] | None) -> dict[str, Any]:
-    """The batch, with its cached ViT output in place of the pixels when the method leaves the ViT alone."""
-    if vision_cache is None or (pruner is not None and pruner.vision_ops):
-        return inputs
-    encoded = vision_cache.get(id(inputs["pixel_values"]))
-    if encoded is None:
-        return inputs
-    return {**{k: v for k, v in inputs.items() if k != "pixel_values"}, "mm_encoder_outputs": {"image": encoded}}
-
-
-def evaluate(model, processor, samples, config: Config, batches, prompt,
-             vision_cache: dict[int, Any] | None = None) -> dict[str, Any]:
-    """Accuracy, grounded recall, token profile and FLOPs of one configuration on ``samples``."""
-    tokenizer = processor.tokenizer
-    hidden, kv_width, mlp = text_config_dims(model.config.text_config)
-    grid = sv.GRID
-    correct, recall, flops = [], [], []
-    per_layer: list[np.ndarray] = []
-    keep_frequency = np.zeros((grid, grid))
-    offset = 0
-    for inputs in batches:
-        with torch.no_grad(), config.pruner(model) as pruner:
-            logits = model(**_model_inputs(inputs, pruner, vision_cache), logits_to_keep=1).logits[:, -1]
-        chunk = samples[offset:offset + logits.shape[0]]
-        text_tokens = inputs["attention_mask"].sum(1) - (inputs["input_ids"] == model.config.image_token_id).sum(1)
-        for i, sample in enumerate(chunk):
-            predicted = closed_prediction(logits[i], tokenizer, sample.choices)
-            correct.append((sample.family, predicted == sample.answer))
-            if pruner is None:
-                visual = np.full(model.config.text_config.num_hidden_layers, grid * grid)
-                kept = np.ones((grid, grid), dtype=bool)
-            else:
-                visual = pruner.stats.visual_tokens[i].numpy()
-                kept = pruner.stats.kept_patches(i).numpy().reshape(grid, grid)
-            per_layer.append(visual)
-            keep_frequency += kept
-            flops.append(prefill_flops(visual + int(text_tokens[i]), hidden, kv_width, mlp))
-            if sample.relevant_patches.any():
-                recall.append(float((kept & sample.relevant_patches).sum() / sample.relevant_patches.sum()))
-        offset += logits.shape[0]
-    families = {f: [ok for fam, ok in correct if fam == f] for f in sv.FAMILIES}
-    profile = np.mean(per_layer, axis=0)
-    return {
-        "accuracy": float(np.mean([ok for _, ok in correct])),
-        "per_family": {f: float(np.mean(v)) for f, v in families.items() if v},
-        "grounded_recall": float(np.mean(recall)) if recall else None,
-        "visual_tokens_per_layer": [round(float(v), 2) for v in profile],
-        "llm_input_visual_tokens": float(profile[0]),
-        "mean_visual_tokens": float(profile.mean()),
-        "prefill_tflops": float(np.mean(flops)) / 1e12,
-        "keep_frequency": (keep_frequency / len(samples)).round(4).tolist(),
-    }
+    param = next(model.parameters())
+    return {id(b["pixel_values"]): encode_images(model, pixel_values=b["pixel_values"].to(param.device, param.dtype),
+                                                 **{k: v.to(param.device) for k, v in b.items()
+                                                    if k not in ("pixel_values", "input_ids", "attention_mask")})
+            for b in batches}
 
 
 def measure_speed(model, config: Config, inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
@@ -152,18 +94,17 @@ def run_bench(
     methods: Sequence[str],
     budgets: Sequence[int] = DEFAULT_BUDGETS,
     prompt=None,
+    scoring: str = "likelihood",
     batch_size: int = 16,
     speed_samples: int = 2,
     speed_repeats: int = 5,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run every (method, budget) and the unpruned model; returns the JSON-ready report."""
-    from vtprune.bench.reference import format_prompt
-
-    prompt = prompt or format_prompt
+    prompt = prompt or prompt_builder(processor)
     model.eval()
-    batches = _batches(processor, samples, batch_size, prompt)
-    speed_inputs = _batches(processor, samples[:speed_samples], speed_samples, prompt)[0]
+    batches = make_batches(processor, samples, batch_size, prompt)
+    speed_inputs = to_model(model, make_batches(processor, samples[:speed_samples], speed_samples, prompt)[0])
     vision_cache = encode_batches(model, batches)
     results = []
     todo = configs(methods, budgets)
@@ -173,15 +114,22 @@ def run_bench(
         record = {"method": config.method or "unpruned", "budget": config.budget, "params": config.params}
         if config.method is not None:
             record["budget_convention"] = get_method(config.method).budget_convention
-        record.update(evaluate(model, processor, samples, config, batches, prompt, vision_cache))
+        record.update(evaluate(model, processor, samples, method=config.method, params=config.params,
+                               scoring=scoring, prompt=prompt, batches=batches, vision_cache=vision_cache))
         record.update(measure_speed(model, config, speed_inputs, speed_repeats))
         results.append(record)
     base = results[0]
     for record in results:
         record["retention"] = record["accuracy"] / base["accuracy"] if base["accuracy"] else None
+        # paired over the same questions: the interval of this configuration's accuracy over the unpruned one's
+        record["retention_ci"] = bootstrap_interval(
+            np.array([record["correct"], base["correct"]]),
+            lambda x: x[0].mean(-1) / np.where(x[1].mean(-1) > 0, x[1].mean(-1), np.nan))
         record["flops_ratio"] = record["prefill_tflops"] / base["prefill_tflops"]
     return {
         "samples": len(samples),
+        "scoring": scoring,
+        "intervals": "bootstrap 95% percentile intervals over questions (1000 resamples; retention paired)",
         "families": list(sv.FAMILIES),
         "chance": {f: sv.chance_rate(f) for f in sv.FAMILIES},
         "device": str(next(model.parameters()).device),
@@ -197,19 +145,72 @@ def format_table(report: dict[str, Any]) -> str:
     """A fixed-width table of the report, one row per configuration."""
     short = {"attribute": "attr", "existence": "exist", "counting": "count", "spatial": "spat",
              "localisation": "loc", "reading": "read"}
-    head = (f"{'config':<16}{'acc':>6}{'ret%':>6} " + "".join(f"{short[f]:>6}" for f in report["families"])
+    head = (f"{'config':<16}{'acc':>6}{'±':>5}{'ret%':>6}{'±':>5} " + "".join(f"{short[f]:>6}" for f in report["families"])
             + f"{'recall':>7}{'tok/L0':>7}{'tok/avg':>8}{'FLOPs':>7}{'lat':>6}{'KV MB':>7}")
     lines = [head, "-" * len(head)]
     for r in report["results"]:
         label = "unpruned" if r["budget"] is None else f"{r['method']}@{r['budget']}"
         recall = r["grounded_recall"]
         lines.append(
-            f"{label:<16}{r['accuracy']*100:6.1f}{(r['retention'] or 0)*100:6.1f} "
+            f"{label:<16}{r['accuracy']*100:6.1f}{_half_width(r.get('accuracy_ci')):>5}"
+            f"{(r['retention'] or 0)*100:6.1f}{_half_width(r.get('retention_ci')):>5} "
             + "".join(f"{r['per_family'].get(f, float('nan'))*100:6.1f}" for f in report["families"])
             + f"{(recall if recall is not None else float('nan'))*100:7.1f}{r['llm_input_visual_tokens']:7.0f}"
             + f"{r['mean_visual_tokens']:8.1f}{r['flops_ratio']:7.2f}{r['latency_ratio']:6.2f}{r['kv_cache_mb']:7.2f}"
         )
     return "\n".join(lines)
+
+
+README_MARKERS = ("<!-- bench-results -->", "<!-- /bench-results -->")
+
+
+def readme_table(report: dict[str, Any]) -> str:
+    """The README's results table: per method, accuracy at each budget with its 95% interval, and at the smallest
+    budget retention (paired interval), grounded recall and prefill latency ratio."""
+    budgets = sorted({r["budget"] for r in report["results"] if r["budget"] is not None})
+    base = report["results"][0]
+    low = budgets[0] if budgets else None
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return ""
+        ci = r.get("accuracy_ci")
+        return f"{100 * r['accuracy']:.1f}" + (f" ({100 * ci[0]:.0f}-{100 * ci[1]:.0f})" if ci else "")
+
+    head = ("| method | " + " | ".join(f"acc @{b}" for b in budgets)
+            + f" | retention @{low} | recall @{low} | latency @{low} |")
+    lines = [head, "|" + "---|" * (len(budgets) + 4)]
+    recall = "" if base["grounded_recall"] is None else f"{100 * base['grounded_recall']:.0f}"
+    lines.append(f"| unpruned ({base['llm_input_visual_tokens']:.0f} tokens) | {cell(base)} |"
+                 + " |" * (len(budgets) - 1) + f" 100 | {recall} | {base['latency_ratio']:.2f} |")
+    methods = sorted({r["method"] for r in report["results"] if r["budget"] is not None},
+                     key=lambda m: -max(r["accuracy"] for r in report["results"] if r["method"] == m))
+    for method in methods:
+        rows = {r["budget"]: r for r in report["results"] if r["method"] == method}
+        first = rows.get(low)
+        ret = first.get("retention_ci") if first else None
+        retention = (f"{100 * first['retention']:.1f}" + (f" ({100 * ret[0]:.0f}-{100 * ret[1]:.0f})" if ret else "")
+                     if first and first["retention"] is not None else "")
+        rec = first["grounded_recall"] if first else None
+        lines.append(f"| {method} | " + " | ".join(cell(rows.get(b)) for b in budgets)
+                     + f" | {retention} | {'' if rec is None else f'{100 * rec:.0f}'} | "
+                     + (f"{first['latency_ratio']:.2f}" if first else "") + " |")
+    return "\n".join(lines)
+
+
+def update_readme(report: dict[str, Any], path: Path) -> None:
+    """Replace the table between the README's bench-results markers with this report's (see ``readme_table``)."""
+    text = path.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise ValueError(f"{path} has no {start} ... {end} block to replace")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    path.write_text(f"{before}{start}\n{readme_table(report)}\n{end}{after}")
+
+
+def _half_width(interval: list[float] | None) -> str:
+    return "" if not interval else f"{(interval[1] - interval[0]) * 50:.1f}"
 
 
 def save_report(report: dict[str, Any], out_dir: Path) -> Path:

@@ -21,7 +21,9 @@ class Stats:
       [B, L]: LLaVA-NeXT newline tokens among the visual tokens.
     - ``sources[b]``: for each visual token that entered the LLM, its weights over the sample's original visual
       tokens (its images' layouts concatenated); ``final_tokens[b]``: rows of ``sources[b]`` alive after the last
-      layer; ``kept_patches(b)``: original tokens represented by a token alive at the end (merges included).
+      layer; ``kept_patches(b)``: original tokens represented by a token alive at the end (merges included);
+      ``kept_share(b)``: the same weighted by the share each makes up of its token; ``layouts(b)``: the images'
+      layouts.
     - ``output_positions`` [B, n_out]: the input column each output row (logits) belongs to; -1 for visual tokens
       and padding.
     """
@@ -111,6 +113,20 @@ class Stats:
         """Bool [V_b]: original visual tokens that a token alive after the last layer represents."""
         size = sum(self._prefill.universe.layout_sizes[sample])
         return self.sources[sample].select(self._represented[sample]).coverage(size) > 0
+
+    def kept_share(self, sample: int) -> torch.Tensor:
+        """Float [V_b]: for each original visual token, the share it makes up of the tokens alive after the last layer
+        that represent it (1: kept as its own token; 1/m: one of m tokens merged evenly into one; 0: dropped), capped
+        at 1. Unlike ``kept_patches``, a token holding a sliver of a merged group barely counts."""
+        size = sum(self._prefill.universe.layout_sizes[sample])
+        alive = self.sources[sample].select(self._represented[sample])
+        share = Sources(alive.index, alive.weight / alive.total().clamp_min(1e-12)[:, None])
+        return share.coverage(size).clamp(max=1.0)
+
+    def layouts(self, sample: int) -> list:
+        """The ``ImageLayout`` of each of the sample's images, in prompt order (their tokens are concatenated in
+        ``sources``, ``kept_patches`` and ``kept_share``)."""
+        return [image.record.layout for image in self._prefill.universe.images[sample]]
 
     def dense_sources(self, sample: int) -> torch.Tensor:
         """``sources[sample]`` as a dense [k, V_b] matrix."""

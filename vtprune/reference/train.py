@@ -1,51 +1,42 @@
-"""MiniLLaVA: the small trained LLaVA-1.5-style reference model shipped with vtprune.
+"""Training MiniLLaVA, the small LLaVA-1.5-style reference model shipped with vtprune (``vtprune train-reference``).
 
-Pruning methods need a real VLM to be measured on, but downloading a 7B LLaVA
-is not an option for tests or CI.  MiniLLaVA keeps every structural property
-those methods rely on -- a CLIP ViT with a [CLS] token whose penultimate layer
-feeds an MLP projector, 576 image tokens per 336x336 image, a multi-layer
-Llama decoder with grouped-query attention -- at a size meant to train on two
-CPU cores in under two hours (the default recipe: about 96 minutes) and loads through the ordinary HuggingFace
+Pruning methods need a real VLM to be measured on, but downloading a 7B LLaVA is not an option for tests or CI.
+MiniLLaVA keeps every structural property those methods rely on -- a CLIP ViT with a [CLS] token whose penultimate
+layer feeds an MLP projector, 576 image tokens per 336x336 image, a multi-layer Llama decoder with grouped-query
+attention -- at a size that trains on two CPU cores in under two hours, and loads through the ordinary HuggingFace
 classes (``LlavaForConditionalGeneration`` / ``AutoProcessor``).
 
 It is trained the way LLaVA is, on SynthVQA (:mod:`vtprune.bench.synthvqa`):
 
-(a) the vision tower is pretrained alone with a global objective on the pooled
-    [CLS] output (multi-label prediction of the scene's attributes, through a
-    linear head that is thrown away), so that [CLS] attention is meaningful,
-    plus a per-patch auxiliary (colour, shape, glyph ink and centroid of the
-    object under each patch) that makes the patch features informative;
-(b) the tower is frozen, its penultimate-layer patch features are computed once,
-    and the projector + language model learn to answer SynthVQA train questions
-    with the loss on the answer token only.  The val split picks the checkpoint;
-    the test split is only ever evaluated.
+(a) the vision tower is pretrained alone with a global objective on the pooled [CLS] output (multi-label
+    prediction of the scene's attributes, through a linear head that is thrown away), so that [CLS] attention is
+    meaningful, plus a per-patch auxiliary (colour, shape, glyph ink and centroid of the object under each patch)
+    that makes the patch features informative;
+(b) the tower is frozen, its penultimate-layer patch features are computed once, and the projector + language model
+    learn to answer SynthVQA train questions, with the loss on the answer token and on the ``</s>`` that ends it.
+    The val split picks the checkpoint; the test split is only ever evaluated.
 
-A decoder trained from scratch on this task sits on the answer priors for
-thousands of steps: finding the object a question is about and reading it out
-must both be learnt, and neither gives a gradient without the other.  Three
-training-only devices break that loop (none changes the model or how it is
-run): (1) a curriculum in which each question at first sees only the image
-tokens it is about, then a growing random share of the others; (2) an attention
-auxiliary that pushes the answer position to read its question early and its
-relevant patches in the middle layers; (3) most steps run on a subset of the
-image tokens (every patch some question of the image is about plus random
-others, all at their own RoPE positions), the last ones on all 576.
+Honesty of the recipe. A model trained on pruned inputs tolerates pruning and flatters every method, so the
+language model spends most of its steps on the full, unmasked 576-token visual sequence, and nothing but the answer
+loss shapes the decoder's attention (the layers methods read their scores from). A decoder trained from scratch on
+this task otherwise sits on the answer priors for thousands of steps -- finding the object a question is about and
+reading it out must both be learnt, and neither gives a gradient without the other -- so a short curriculum starts
+it: for ``curriculum_hold`` steps each question sees only the image tokens it is about, then a growing random share
+of the others until ``curriculum_steps``; during the first ``subset_steps`` the image is cut to ``subset_tokens``
+(every patch one of its questions is about, plus random others, at their own RoPE positions) to make those steps
+cheap. The model card states the share of full-sequence steps. The previous recipe (an attention auxiliary on
+layers 0-3 and 3,600 of 4,000 steps on 128-token subsets) is in git history with the checkpoint it made.
 
 Prompt format (word-level tokens, one word per whitespace-separated item)::
 
     "USER: <image>\\n<question> ASSISTANT:"
 
-and the answer is the single next token.  Evaluation rule: the prediction is the
-argmax of the next-token logits restricted to the family's closed answer set
-(``synthvqa.answer_choices``); the unrestricted argmax over the vocabulary is
-reported as ``free_accuracy``.
+and the answer is one word followed by ``</s>``. The final evaluation uses :func:`vtprune.bench.evaluate.evaluate`
+(closed-choice likelihood, and generate-and-match); validation during training reads the first-token logits on the
+cached features, which is the same rule for single-token answers.
 
-Status: the shipped checkpoint (``vtprune/reference/mini-llava``) is this
-recipe's output: test accuracy 0.884, every family 20+ points above chance
-(reading, the hardest, 0.57 against chance 0.06).  Two runs of the same recipe
-agree to about 0.02 in val accuracy but not bit for bit: they match step for
-step at first and drift apart later, as multi-threaded CPU kernels summing in
-varying order would explain.
+Two runs of the same recipe agree to about 0.02 in val accuracy but not bit for bit: they match step for step at
+first and drift apart later, as multi-threaded CPU kernels summing in varying order would explain.
 """
 from __future__ import annotations
 
@@ -64,200 +55,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vtprune.bench import synthvqa as sv
+from vtprune.bench.evaluate import evaluate
 from vtprune.ops import attention_probs, rotate_half
+from vtprune.reference.build import NUM_IMAGE_TOKENS, PROMPT_TEMPLATE, build_config, build_processor, build_tokenizer
 
-from . import synthvqa as sv
-
-REFERENCE_DIR: Path = Path(__file__).resolve().parents[1] / "reference" / "mini-llava"
-
-PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
-IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)
-ROLE_TOKENS = ("USER:", "ASSISTANT:")
-NUM_IMAGE_TOKENS = sv.GRID * sv.GRID  # 576, [CLS] dropped by the "default" strategy
+REFERENCE_DIR: Path = Path(__file__).resolve().parent / "mini-llava"
 #: Size of the fixed test subset whose accuracy is recorded for regression tests.
 REGRESSION_SUBSET = 48
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %} "
-    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %} </s> {% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
-
-# ------------------------------------------------------------------ tokenizer / processor / config
-
-def vocabulary() -> list[str]:
-    """Every token id, in order; special tokens first so their ids never move when SynthVQA grows."""
-    words = list(SPECIAL_TOKENS) + list(ROLE_TOKENS) + sv.question_vocabulary() + sv.answer_vocabulary()
-    return list(dict.fromkeys(words))
-
-
-def build_tokenizer():
-    """Word-level tokenizer: SynthVQA is a closed vocabulary, so one id per word keeps answers single tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(vocabulary())}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    # split on whitespace only, so "USER:" and "top-left" stay single words
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN}, padding_side="left",
-        clean_up_tokenization_spaces=False, model_max_length=1024)
-    tok.padding_side = "left"
-    return tok
-
-
-def build_image_processor():
-    """The PIL CLIP processor: torchvision is not a dependency; SynthVQA images are already 336x336."""
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    size = sv.IMAGE_SIZE
-    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-
-def build_processor(tokenizer=None):
-    """Processor that expands ``<image>`` into the 576 placeholders the model fills with patch features."""
-    from transformers import LlavaProcessor
-
-    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-    return LlavaProcessor(
-        image_processor=build_image_processor(), tokenizer=tokenizer, patch_size=sv.PATCH_SIZE,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
-
-
-def build_config(
-    vocab_size: int | None = None,
-    *,
-    vision_hidden: int = 192,
-    vision_layers: int = 6,
-    vision_heads: int = 4,
-    vision_intermediate: int | None = None,
-    text_hidden: int = 256,
-    text_layers: int = 8,
-    text_heads: int = 4,
-    text_kv_heads: int = 2,
-    text_intermediate: int = 640,
-    rope_theta: float = 10000.0,
-):
-    """LLaVA-1.5 geometry (patch 14, 336 px, penultimate layer, [CLS] dropped) at toy width."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vocab = vocabulary()
-    vocab_size = vocab_size if vocab_size is not None else len(vocab)
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden, intermediate_size=vision_intermediate or 4 * vision_hidden,
-        num_hidden_layers=vision_layers, num_attention_heads=vision_heads, image_size=sv.IMAGE_SIZE,
-        patch_size=sv.PATCH_SIZE, projection_dim=vision_hidden, hidden_act="quick_gelu")
-    text = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=text_hidden, intermediate_size=text_intermediate,
-        num_hidden_layers=text_layers, num_attention_heads=text_heads, num_key_value_heads=text_kv_heads,
-        max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-        pad_token_id=vocab.index("<pad>"), bos_token_id=vocab.index("<s>"), eos_token_id=vocab.index("</s>"))
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=vocab.index(IMAGE_TOKEN),
-        image_seq_length=NUM_IMAGE_TOKENS, projector_hidden_act="gelu",
-        vision_feature_select_strategy="default", vision_feature_layer=-2,
-        pad_token_id=vocab.index("<pad>"), tie_word_embeddings=False)
-
-
-def format_prompt(question: str) -> str:
-    return PROMPT_TEMPLATE.format(question=question)
-
-
-# ------------------------------------------------------------------ evaluation
-
-def _default_forward(model) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**inputs, logits_to_keep=1).logits[:, -1]
-    return forward
-
-
-def closed_prediction(logits: torch.Tensor, tokenizer, choices: Sequence[str]) -> str:
-    """The evaluation rule: the answer among ``choices`` with the highest next-token logit."""
-    ids = tokenizer.convert_tokens_to_ids(list(choices))
-    return choices[int(logits[ids].argmax())]
-
-
-def _summarise(records: list[tuple[str, bool, bool]]) -> dict[str, Any]:
-    """records: (family, closed_correct, free_correct) -> overall and per-family accuracies."""
-    out: dict[str, Any] = {"n": len(records),
-                           "accuracy": float(np.mean([r[1] for r in records])) if records else float("nan"),
-                           "free_accuracy": float(np.mean([r[2] for r in records])) if records else float("nan"),
-                           "per_family": {}}
-    for fam in sv.FAMILIES:
-        rows = [r for r in records if r[0] == fam]
-        if rows:
-            out["per_family"][fam] = {"n": len(rows), "accuracy": float(np.mean([r[1] for r in rows])),
-                                      "free_accuracy": float(np.mean([r[2] for r in rows])),
-                                      "chance": sv.chance_rate(fam)}
-    return out
-
-
-@torch.no_grad()
-def evaluate(
-    model,
-    processor,
-    samples: Sequence[sv.Sample],
-    *,
-    batch_size: int = 16,
-    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
-    return_predictions: bool = False,
-) -> dict[str, Any]:
-    """Closed-choice accuracy: a pruned model is judged on the answers it could give, not on fluency.
-
-    Each batch goes through exactly one ``forward(inputs)`` call, where ``inputs`` holds
-    ``input_ids``, ``attention_mask`` (left padded) and ``pixel_values`` on the model's device;
-    it must return next-token logits ``[batch, vocab]``.  The default is
-    ``model(**inputs).logits[:, -1]``, so wrapping ``model`` (or passing ``forward``) is
-    all a pruning method needs to be evaluated.  The prediction is the argmax over the
-    family's closed choices; ``free_accuracy`` uses the argmax over the whole vocabulary.
-    """
-    forward = forward or _default_forward(model)
-    tok = processor.tokenizer
-    vocab_words = tok.convert_ids_to_tokens(list(range(len(tok))))
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()
-    records: list[tuple[str, bool, bool]] = []
-    predictions: list[dict[str, Any]] = []
-    try:
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start:start + batch_size]
-            inputs = processor(images=[s.image for s in batch], text=[format_prompt(s.question) for s in batch],
-                               return_tensors="pt", padding=True, padding_side="left")
-            inputs = {k: v.to(param.device) for k, v in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
-            logits = forward(inputs).float().cpu()
-            for s, row in zip(batch, logits):
-                closed = closed_prediction(row, tok, s.choices)
-                free = vocab_words[int(row.argmax())]
-                records.append((s.family, closed == s.answer, free == s.answer))
-                if return_predictions:
-                    predictions.append({"question": s.question, "answer": s.answer, "family": s.family,
-                                        "prediction": closed, "free_prediction": free})
-    finally:
-        model.train(was_training)
-    out = _summarise(records)
-    if return_predictions:
-        out["predictions"] = predictions
-    return out
 
 
 # ------------------------------------------------------------------ stage (a): vision targets
@@ -764,7 +569,7 @@ def _training_subset(questions: list[list[Question]], n_tokens: int, gen: torch.
 def _fast_eval(plm: _PrefixLM, feats: torch.Tensor, questions: list[list[Question]],
                tokenizer, *, device: str, amp: bool, batch: int = 16) -> dict[str, Any]:
     """Validation through the shared-prefix path on cached features (same rule as :func:`evaluate`)."""
-    records = []
+    records: list[tuple[str, bool]] = []
     plm.model.eval()
     for start in range(0, len(questions), batch):
         packed = _pack(questions[start:start + batch], tokenizer.pad_token_id, plm.prefix_len)
@@ -772,10 +577,14 @@ def _fast_eval(plm: _PrefixLM, feats: torch.Tensor, questions: list[list[Questio
             logits = plm.logits(feats[start:start + batch].to(device), packed)[0].float().cpu()
         for row, a, f in zip(logits, packed["answers"].tolist(), packed["families"].tolist()):
             family = sv.FAMILIES[f]
-            closed = closed_prediction(row, tokenizer, sv.answer_choices(family))
-            records.append((family, closed == tokenizer.convert_ids_to_tokens(a), int(row.argmax()) == a))
+            choices = sv.answer_choices(family)
+            # MiniLLaVA's answers are single tokens: the first-token argmax is the likelihood rule of bench.evaluate
+            closed = choices[int(row[tokenizer.convert_tokens_to_ids(list(choices))].argmax())]
+            records.append((family, closed == tokenizer.convert_ids_to_tokens(a)))
     plm.model.train()
-    return _summarise(records)
+    return {"accuracy": float(np.mean([ok for _, ok in records])),
+            "per_family": {f: {"accuracy": float(np.mean([ok for g, ok in records if g == f]))}
+                           for f in sv.FAMILIES if any(g == f for g, _ in records)}}
 
 
 def _group_by_scene(samples: Sequence[sv.Sample], tokenizer):
@@ -796,7 +605,8 @@ def _train_language(plm: _PrefixLM, feats: torch.Tensor, pool: _Pool, val_feats:
                     seed: int, device: str, amp: bool, eval_every: int, log: Callable[[str], None],
                     log_every: int, question_layers: Sequence[int] = (), ground_layers: Sequence[int] = (),
                     ground_weight: float = 0.0, subset_tokens: int = 0, subset_steps: int = 0,
-                    curriculum_steps: int = 0, end_weight: float = 0.0) -> dict[str, Any]:
+                    curriculum_steps: int = 0, curriculum_hold: int = 0,
+                    end_weight: float = 0.0) -> dict[str, Any]:
     params = plm.parameters()
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -830,7 +640,8 @@ def _train_language(plm: _PrefixLM, feats: torch.Tensor, pool: _Pool, val_feats:
         questions = [pool.questions[i] for i in idx.tolist()]
         keep = _training_subset(questions, subset_tokens, gen) if subset_tokens and step < subset_steps else None
         # curriculum: each question first sees only the patches it is about, then more and more others
-        visible = min(1.0, step / curriculum_steps) if curriculum_steps else 1.0
+        ramp = curriculum_steps - curriculum_hold
+        visible = min(1.0, max(0.0, step - curriculum_hold) / ramp) if ramp > 0 else float(step >= curriculum_steps)
         packed = _pack(questions, tokenizer.pad_token_id, plm.prefix_len, keep, visible, gen,
                        eos_id=tokenizer.eos_token_id if end_weight else None)
         _set_lr(opt, _lr_at(step, steps, lr, warmup))
@@ -887,10 +698,11 @@ def train_reference(
     vit_batch: int = 32,
     vit_lr: float = 3e-3,
     vit_patch_weight: float = 1.0,
-    lm_steps: int = 3200,
+    lm_steps: int = 3600,
     subset_tokens: int = 128,
-    subset_steps: int = 700,
-    curriculum_steps: int = 700,
+    subset_steps: int = 1400,
+    curriculum_steps: int = 1400,
+    curriculum_hold: int = 300,
     end_weight: float = 0.5,
     lm_batch: int = 8,
     lm_lr: float = 2e-3,
@@ -918,6 +730,7 @@ def train_reference(
     verbose: bool = True,
     cache_dir: str | Path | None = None,
     vision_from: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train MiniLLaVA from scratch with the current recipe (its status: see the module docstring).
 
@@ -940,6 +753,9 @@ def train_reference(
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     output_dir = Path(output_dir)
+    if (output_dir / "config.json").exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already holds a checkpoint: choose another output folder, or pass "
+                              "overwrite=True (--overwrite) to replace it")
     output_dir.mkdir(parents=True, exist_ok=True)
     _tune_allocator()
     if threads:
@@ -961,8 +777,8 @@ def train_reference(
     recipe = dict(seed=seed, device=device, n_scenes=n_scenes, question_sets=question_sets, vit_steps=vit_steps,
                   vit_batch=vit_batch, vit_lr=vit_lr, vit_patch_weight=vit_patch_weight, lm_steps=lm_steps,
                   lm_batch=lm_batch, lm_lr=lm_lr, lm_init_std=lm_init_std, subset_tokens=subset_tokens,
-                  subset_steps=subset_steps, curriculum_steps=curriculum_steps, end_weight=end_weight,
-                  question_layers=list(question_layers),
+                  subset_steps=subset_steps, curriculum_steps=curriculum_steps, curriculum_hold=curriculum_hold,
+                  end_weight=end_weight, question_layers=list(question_layers),
                   ground_layers=list(ground_layers), ground_weight=ground_weight,
                   weight_decay=weight_decay, eval_every=eval_every, n_val=n_val, n_test=n_test, vit_amp=vit_amp,
                   amp=amp, threads=torch.get_num_threads(), **arch)
@@ -1044,7 +860,8 @@ def train_reference(
                                 amp=amp, eval_every=eval_every, log=log, log_every=log_every,
                                 question_layers=question_layers, ground_layers=ground_layers,
                                 ground_weight=ground_weight, subset_tokens=subset_tokens, subset_steps=subset_steps,
-                                curriculum_steps=curriculum_steps, end_weight=end_weight)
+                                curriculum_steps=curriculum_steps, curriculum_hold=curriculum_hold,
+                                end_weight=end_weight)
     times["language_training"] = time.time() - t
     del feats
 
@@ -1055,16 +872,24 @@ def train_reference(
     processor.save_pretrained(output_dir)
     reloaded = LlavaForConditionalGeneration.from_pretrained(output_dir, dtype=torch.float32).to(device)
     reprocessor = AutoProcessor.from_pretrained(output_dir)
-    val_metrics = evaluate(reloaded, reprocessor, val_samples)
+    val_metrics = evaluate(reloaded, reprocessor, val_samples, token_stats=False)
     test_samples = sv.load_split("test", n_test)
-    test_metrics = evaluate(reloaded, reprocessor, test_samples, return_predictions=True)
+    test_metrics = evaluate(reloaded, reprocessor, test_samples, return_predictions=True, token_stats=False)
+    generated = evaluate(reloaded, reprocessor, test_samples, scoring="generate", token_stats=False)
+    test_metrics["generate_accuracy"] = generated["accuracy"]
+    test_metrics["generate_per_family"] = generated["per_family"]
+    test_metrics["chance"] = {f: sv.chance_rate(f) for f in test_metrics["per_family"]}
+    test_metrics["family_n"] = {f: sum(s.family == f for s in test_samples) for f in test_metrics["per_family"]}
+    for metrics in (val_metrics, test_metrics):
+        metrics.pop("correct")
     subset = test_metrics.pop("predictions")[:REGRESSION_SUBSET]
     times["evaluation"] = time.time() - t
     times["total"] = time.time() - t_start
     log(f"val acc {val_metrics['accuracy']:.4f}  test acc {test_metrics['accuracy']:.4f} "
-        f"(free {test_metrics['free_accuracy']:.4f})")
-    for fam, v in test_metrics["per_family"].items():
-        log(f"  test {fam:13s} {v['accuracy']:.3f} (chance {v['chance']:.3f}, free {v['free_accuracy']:.3f}, n {v['n']})")
+        f"(generate and match {test_metrics['generate_accuracy']:.4f})")
+    for fam, acc in test_metrics["per_family"].items():
+        log(f"  test {fam:13s} {acc:.3f} (chance {test_metrics['chance'][fam]:.3f}, generate "
+            f"{test_metrics['generate_per_family'][fam]:.3f}, n {test_metrics['family_n'][fam]})")
 
     size = sum(p.stat().st_size for p in output_dir.glob("*.safetensors"))
     result = {
@@ -1078,8 +903,8 @@ def train_reference(
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "vision_pretraining": vit_report,
         "language_training": lm_report,
-        "evaluation_rule": "argmax of next-token logits over the family's closed answer choices; "
-                           "free_accuracy = argmax over the whole vocabulary",
+        "evaluation_rule": "accuracy: the family's closed choice with the highest sequence likelihood; "
+                           "generate_accuracy: greedy generation matched against the answer (vtprune.bench.evaluate)",
         "prompt_template": PROMPT_TEMPLATE,
         "val": val_metrics,
         "test": test_metrics,
@@ -1125,15 +950,41 @@ def model_card(result: dict[str, Any]) -> str:
     test, lm = result["test"], result["language_training"]
     phases = {k: v for k, v in t.items() if k != "total"}
     phase_text = ", ".join(f"{k.replace('_', ' ')} {v / 60:.1f}" for k, v in phases.items())
-    reused = (f" Stage (a) and its features came from the recipe's stage-(a) cache (`cache_dir`), timed when they"
-              f" were made in an earlier process, so this process took {t['total'] / 60:.0f} minutes; a fresh run"
-              f" takes the sum of the phases." if result.get("stage_a_reused") else "")
-    rows = "\n".join(f"| {fam} | {v['n']} | {v['accuracy']:.3f} | {v['chance']:.3f} | {v['free_accuracy']:.3f} |"
-                     for fam, v in test["per_family"].items())
+    full = result.get("full_sequence_steps", full_sequence_steps(r["lm_steps"], r["subset_steps"],
+                                                                 r["curriculum_steps"]))
+    reused = ""
+    if result.get("stage_a_source"):
+        reused = (f" Stage (a) was not rerun: its tower was taken from the earlier checkpoint of the same stage-(a)"
+                  f" recipe (`vision_from`, in git history), whose stage-(a) time is the one listed; this process took"
+                  f" {t['total'] / 60:.0f} minutes.")
+    elif result.get("stage_a_reused"):
+        reused = (f" Stage (a) and its features came from the recipe's stage-(a) cache (`cache_dir`), timed when they"
+                  f" were made in an earlier process, so this process took {t['total'] / 60:.0f} minutes.")
+    if r.get("ground_weight"):
+        auxiliary = (f"An attention auxiliary (weight {r['ground_weight']}) pulled the answer position's attention in"
+                     f" layers {r['question_layers']} to its question and in layers {r['ground_layers']} to its"
+                     " relevant patches: methods that score with those layers' attention are flattered.")
+    else:
+        auxiliary = ("No auxiliary loss of any kind touched the decoder's attention: the layers that methods read"
+                     " their scores from were trained by the answer loss alone.")
+    devices = []
+    if r["subset_steps"]:
+        devices.append(f"the first {r['subset_steps']} steps ran on {r['subset_tokens']}+ of the 576 image tokens"
+                       " (every patch one of the image's questions is about, plus random others, at their own"
+                       " positions)")
+    if r["curriculum_steps"]:
+        devices.append(f"over the first {r['curriculum_steps']} steps each question saw only the image tokens it is"
+                       " about plus a share of the others growing from 0 to 1")
+    start_text = ("A short curriculum started it: " + "; ".join(devices) + ". "
+                  if devices else "")
+    end_text = (f" The loss also teaches the answer to end: `</s>` after the answer token (weight {r['end_weight']}),"
+                " so `generate` stops." if r.get("end_weight") else "")
+    rows = "\n".join(f"| {fam} | {test['family_n'][fam]} | {acc:.3f} | {test['chance'][fam]:.3f} | "
+                     f"{test['generate_per_family'][fam]:.3f} |" for fam, acc in test["per_family"].items())
     return f"""# MiniLLaVA (vtprune reference model)
 
 A small LLaVA-1.5-style VLM trained from scratch on SynthVQA so that token-pruning methods can be measured for
-real on a CPU. Load it with the ordinary classes:
+real on a CPU. Load it with the ordinary classes, or with `vtprune.reference.load_reference()`:
 
 ```python
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -1141,8 +992,7 @@ model = LlavaForConditionalGeneration.from_pretrained("vtprune/reference/mini-ll
 processor = AutoProcessor.from_pretrained("vtprune/reference/mini-llava")
 ```
 
-Prompt: `{PROMPT_TEMPLATE!r}`; the answer is the next token, read as the argmax over the
-question family's closed answer set.
+Prompt: `{PROMPT_TEMPLATE!r}` (its chat template gives the same string); the answer is one word followed by `</s>`.
 
 ## Architecture ({p['total'] / 1e6:.2f} M parameters, {result['checkpoint_bytes'] / 1e6:.1f} MB safetensors, float32)
 - Vision: CLIP ViT, patch 14, 336 px, so a 24x24 grid of 576 tokens plus [CLS], {r['vision_layers']} layers of width
@@ -1158,21 +1008,24 @@ Data: {r['n_scenes']} SynthVQA train scenes with {r['question_sets']} question d
 ({r['n_val']} questions) picks the checkpoint; the test split is evaluated once, at the end.
 
 (a) Vision tower alone: {r['vit_steps']} steps of {r['vit_batch']} images, multi-label scene attributes from the
-pooled [CLS] output plus per-patch colour/shape/glyph/centroid heads (both heads are thrown away).
+pooled [CLS] output plus per-patch colour/shape/glyph/centroid heads (both heads are thrown away). No language
+model and no question is involved.
+
 (b) Tower frozen; projector and decoder: {r['lm_steps']} steps of {r['lm_batch']} images (all questions of an
-image share its prefix), loss on the answer token, plus a curriculum over {r['curriculum_steps']} steps, an
-attention auxiliary (question layers {r['question_layers']}, image layers {r['ground_layers']}, weight
-{r['ground_weight']}), and {r['subset_steps']} steps on {r['subset_tokens']}+ of the 576 image tokens. These
-are training-only devices: see `vtprune/bench/reference.py`. Best val step: {lm['best_step']}
-(val accuracy {lm['best_val_accuracy']:.3f} on the fast path).
+image share its prefix), loss on the answer token.{end_text}
+
+**Full visual sequence: {full} of {r['lm_steps']} language-model steps ({100 * full / r['lm_steps']:.0f}%)** saw
+all 576 image tokens with nothing masked, as real LLaVA checkpoints are trained. {start_text}{auxiliary}
+Best val step: {lm['best_step']} (val accuracy {lm['best_val_accuracy']:.3f} on the training code's fast path).
 
 Wall time on {result['machine']['threads']} CPU threads ({result['machine']['platform']}, torch
 {result['machine']['torch']}), in minutes: {phase_text}; sum {sum(phases.values()) / 60:.0f}.{reused}
 
 ## Accuracy on the test split (unpruned, {test['n']} questions)
-Overall {test['accuracy']:.3f} (free-form argmax over the whole vocabulary: {test['free_accuracy']:.3f}).
+Overall {test['accuracy']:.3f} (95% bootstrap interval {test['accuracy_ci'][0]:.3f}-{test['accuracy_ci'][1]:.3f}),
+scored by the likelihood of each closed choice; generate-and-match: {test['generate_accuracy']:.3f}.
 
-| family | n | accuracy | chance | free-form |
+| family | n | accuracy | chance | generate |
 |---|---|---|---|---|
 {rows}
 
