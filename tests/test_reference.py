@@ -231,3 +231,18 @@ def test_train_reference_refuses_to_overwrite_a_checkpoint(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         ref.train_reference(tmp_path, **TINY)
     assert (tmp_path / "config.json").read_text() == "{}"
+
+
+def test_shipped_checkpoint_ends_its_answers_so_generation_agrees_with_likelihood(shipped):
+    """Trained to end each answer with </s>: greedy generation stops after the answer and names the choice that
+    likelihood scoring picks."""
+    from vtprune.bench.evaluate import normalise
+
+    model, processor, _ = shipped
+    samples = sv.load_split("test", 24)
+    likelihood = evaluate(model, processor, samples, return_predictions=True, token_stats=False)
+    generated = evaluate(model, processor, samples, scoring="generate", return_predictions=True, token_stats=False)
+    same = sum(normalise(a["prediction"]) == normalise(b["prediction"])
+               for a, b in zip(likelihood["predictions"], generated["predictions"]))
+    assert same >= len(samples) - 1
+    assert all(len(p["prediction"].split()) == 1 for p in generated["predictions"])

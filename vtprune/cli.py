@@ -6,16 +6,15 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 DEFAULT_SAMPLES = 480
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes; torch is imported only when a command runs
 
 
 def _load(model_path: str | None, device: str, dtype: str = "float32"):
     """The model and processor to measure: ``model_path`` (any supported family), else the shipped MiniLLaVA."""
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vtprune import reference
@@ -24,7 +23,7 @@ def _load(model_path: str | None, device: str, dtype: str = "float32"):
         path = model_path or str(reference.path())
     except FileNotFoundError as error:
         raise SystemExit(f"{error}, or pass --model") from None
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     return model, AutoProcessor.from_pretrained(path)
 
 
@@ -99,17 +98,25 @@ def _export_task(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="vtprune", description="visual token reduction for VLMs")
-    commands = parser.add_subparsers(dest="command", required=True)
+    from importlib.metadata import PackageNotFoundError, version
 
-    bench = commands.add_parser("bench", help="methods x budgets on SynthVQA: accuracy, FLOPs, latency, plots")
+    try:
+        installed = version("vtprune")
+    except PackageNotFoundError:
+        installed = "unknown"
+    parser = argparse.ArgumentParser(prog="vtprune", description="visual token reduction for VLMs")
+    parser.add_argument("--version", action="version", version=f"vtprune {installed}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+
+    bench = commands.add_parser("bench", **defaults, help="methods x budgets on SynthVQA: accuracy, FLOPs, latency, plots")
     bench.add_argument("--model", help="local path or hub id (default: the shipped MiniLLaVA)")
     bench.add_argument("--methods", nargs="+", help="registered method names (default: all)")
     bench.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 192], help="visual tokens kept")
     bench.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="test questions (balanced families)")
     bench.add_argument("--batch-size", type=int, default=16)
     bench.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    bench.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model weights' dtype")
+    bench.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights' dtype")
     bench.add_argument("--scoring", default="likelihood", choices=["likelihood", "generate"],
                        help="closed-choice answer likelihood, or greedy generation matched against the answer")
     bench.add_argument("--out", default="runs/bench", help="folder for bench.json and the plots")
@@ -118,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                                         "markers)")
     bench.set_defaults(run=_bench)
 
-    show = commands.add_parser("show", help="PNG of a test image with a method's kept tokens highlighted")
+    show = commands.add_parser("show", **defaults, help="PNG of a test image with a method's kept tokens highlighted")
     show.add_argument("--method", required=True)
     show.add_argument("--keep", type=int)
     show.add_argument("--sample", type=int, default=0, help="index into the test split")
@@ -127,18 +134,18 @@ def main(argv: list[str] | None = None) -> None:
     show.add_argument("--out", default="runs/show.png")
     show.set_defaults(run=_show)
 
-    listing = commands.add_parser("methods", help="registered methods, stages, budgets, defaults, model families")
+    listing = commands.add_parser("methods", **defaults, help="registered methods, stages, budgets, defaults, model families")
     listing.add_argument("--markdown", action="store_true", help="the method x model-family support table")
     listing.set_defaults(run=_methods)
 
-    train = commands.add_parser("train-reference", help="retrain MiniLLaVA from scratch (the shipped recipe)")
+    train = commands.add_parser("train-reference", **defaults, help="retrain MiniLLaVA from scratch (the shipped recipe)")
     train.add_argument("--output", default="runs/mini-llava", help="folder for the new checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --output")
     train.add_argument("--device", default="cpu")
     train.add_argument("--vision-from", help="reuse stage (a)'s vision tower from this earlier checkpoint of the recipe")
     train.set_defaults(run=_train)
 
-    export = commands.add_parser("export-lmms-task", help="SynthVQA as a local lmms-eval task folder")
+    export = commands.add_parser("export-lmms-task", **defaults, help="SynthVQA as a local lmms-eval task folder")
     export.add_argument("folder")
     export.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="first N questions (as bench --samples)")
     export.add_argument("--split", default="test", choices=["train", "val", "test"])

@@ -17,15 +17,19 @@ It is trained the way LLaVA is, on SynthVQA (:mod:`vtprune.bench.synthvqa`):
     The val split picks the checkpoint; the test split is only ever evaluated.
 
 Honesty of the recipe. A model trained on pruned inputs tolerates pruning and flatters every method, so the
-language model spends most of its steps on the full, unmasked 576-token visual sequence, and nothing but the answer
-loss shapes the decoder's attention (the layers methods read their scores from). A decoder trained from scratch on
-this task otherwise sits on the answer priors for thousands of steps -- finding the object a question is about and
-reading it out must both be learnt, and neither gives a gradient without the other -- so a short curriculum starts
-it: for ``curriculum_hold`` steps each question sees only the image tokens it is about, then a growing random share
-of the others until ``curriculum_steps``; during the first ``subset_steps`` the image is cut to ``subset_tokens``
-(every patch one of its questions is about, plus random others, at their own RoPE positions) to make those steps
-cheap. The model card states the share of full-sequence steps. The previous recipe (an attention auxiliary on
-layers 0-3 and 3,600 of 4,000 steps on 128-token subsets) is in git history with the checkpoint it made.
+language model spends most of its steps on the full, unmasked 576-token visual sequence. A decoder trained from
+scratch on this task otherwise sits on the answer priors for thousands of steps -- finding the object a question is
+about and reading it out must both be learnt, and neither gives a gradient without the other -- so a short
+curriculum starts it: for ``curriculum_hold`` steps each question sees only the image tokens it is about, then a
+growing random share of the others until ``curriculum_steps``; during the first ``subset_steps`` the image is cut to
+``subset_tokens`` (every patch one of its questions is about, plus random others, at their own RoPE positions) to
+make those steps cheap. The curriculum alone did not teach the decoder to find the object among distractors
+(training accuracy fell as they appeared), so during the curriculum only (``ground_steps``) an attention auxiliary
+pulls the answer position's attention in late layers (``ground_layers``, 4-5 of 8) to its relevant patches; it is
+off for every full-sequence step, and no registered method scores with those layers (FastV at its default
+depth-scaled K reads layer 0). The model card states all of this and the share of full-sequence steps. The previous
+recipe (an auxiliary on layers 0-3, the layers FastV reads, and 3,600 of 4,000 steps on 128-token subsets) is in
+git history with the checkpoint it made.
 
 Prompt format (word-level tokens, one word per whitespace-separated item)::
 
@@ -606,7 +610,7 @@ def _train_language(plm: _PrefixLM, feats: torch.Tensor, pool: _Pool, val_feats:
                     log_every: int, question_layers: Sequence[int] = (), ground_layers: Sequence[int] = (),
                     ground_weight: float = 0.0, subset_tokens: int = 0, subset_steps: int = 0,
                     curriculum_steps: int = 0, curriculum_hold: int = 0,
-                    end_weight: float = 0.0) -> dict[str, Any]:
+                    end_weight: float = 0.0, ground_steps: int | None = None) -> dict[str, Any]:
     params = plm.parameters()
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -646,8 +650,9 @@ def _train_language(plm: _PrefixLM, feats: torch.Tensor, pool: _Pool, val_feats:
                        eos_id=tokenizer.eos_token_id if end_weight else None)
         _set_lr(opt, _lr_at(step, steps, lr, warmup))
         with _autocast(device, amp):
+            grounded = ground_weight and (ground_steps is None or step < ground_steps)
             logits, grounding = plm.logits(feats[idx].to(device), packed,
-                                           (*question_layers, *ground_layers) if ground_weight else ())
+                                           (*question_layers, *ground_layers) if grounded else ())
         logits = logits.float()
         answers = packed["answers"].to(device)
         end_loss = torch.zeros(())
@@ -702,14 +707,15 @@ def train_reference(
     subset_tokens: int = 128,
     subset_steps: int = 1400,
     curriculum_steps: int = 1400,
-    curriculum_hold: int = 300,
+    curriculum_hold: int = 100,
     end_weight: float = 0.5,
     lm_batch: int = 8,
     lm_lr: float = 2e-3,
     lm_init_std: float = 0.06,
     question_layers: Sequence[int] = (),
-    ground_layers: Sequence[int] = (),
-    ground_weight: float = 0.0,
+    ground_layers: Sequence[int] = (4, 5),
+    ground_weight: float = 1.0,
+    ground_steps: int | None = 1400,
     weight_decay: float = 0.05,
     eval_every: int = 400,
     n_val: int = 480,
@@ -778,7 +784,7 @@ def train_reference(
                   vit_batch=vit_batch, vit_lr=vit_lr, vit_patch_weight=vit_patch_weight, lm_steps=lm_steps,
                   lm_batch=lm_batch, lm_lr=lm_lr, lm_init_std=lm_init_std, subset_tokens=subset_tokens,
                   subset_steps=subset_steps, curriculum_steps=curriculum_steps, curriculum_hold=curriculum_hold,
-                  end_weight=end_weight, question_layers=list(question_layers),
+                  end_weight=end_weight, ground_steps=ground_steps, question_layers=list(question_layers),
                   ground_layers=list(ground_layers), ground_weight=ground_weight,
                   weight_decay=weight_decay, eval_every=eval_every, n_val=n_val, n_test=n_test, vit_amp=vit_amp,
                   amp=amp, threads=torch.get_num_threads(), **arch)
@@ -861,18 +867,42 @@ def train_reference(
                                 question_layers=question_layers, ground_layers=ground_layers,
                                 ground_weight=ground_weight, subset_tokens=subset_tokens, subset_steps=subset_steps,
                                 curriculum_steps=curriculum_steps, curriculum_hold=curriculum_hold,
-                                end_weight=end_weight)
+                                end_weight=end_weight, ground_steps=ground_steps)
     times["language_training"] = time.time() - t
     del feats
 
     # save, reload, evaluate what was saved
-    t = time.time()
     model.to("cpu").float()
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
+    result = {
+        "recipe": recipe,
+        "parameters": counts,
+        "checkpoint_bytes": sum(p.stat().st_size for p in output_dir.glob("*.safetensors")),
+        "wall_time_s": times,
+        "stage_a_reused": cached is not None,
+        "stage_a_source": str(vision_from) if vision_from is not None else None,
+        "full_sequence_steps": full_sequence_steps(lm_steps, subset_steps, curriculum_steps),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "vision_pretraining": vit_report,
+        "language_training": lm_report,
+    }
+    return evaluate_checkpoint(output_dir, result, lines, log, n_val=n_val, n_test=n_test, device=device,
+                               started=t_start)
+
+
+def evaluate_checkpoint(output_dir: Path, result: dict[str, Any], lines: list[str], log: Callable[[str], None],
+                        *, n_val: int, n_test: int, device: str = "cpu", started: float | None = None
+                        ) -> dict[str, Any]:
+    """The final evaluation of a saved checkpoint, as reloaded from ``output_dir``: val and test accuracy by
+    likelihood (with intervals), test by generate-and-match; then the training log and the model card are written
+    (``result``: the training record so far, completed here)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    t = time.time()
     reloaded = LlavaForConditionalGeneration.from_pretrained(output_dir, dtype=torch.float32).to(device)
     reprocessor = AutoProcessor.from_pretrained(output_dir)
-    val_metrics = evaluate(reloaded, reprocessor, val_samples, token_stats=False)
+    val_metrics = evaluate(reloaded, reprocessor, sv.load_split("val", n_val), token_stats=False)
     test_samples = sv.load_split("test", n_test)
     test_metrics = evaluate(reloaded, reprocessor, test_samples, return_predictions=True, token_stats=False)
     generated = evaluate(reloaded, reprocessor, test_samples, scoring="generate", token_stats=False)
@@ -883,26 +913,19 @@ def train_reference(
     for metrics in (val_metrics, test_metrics):
         metrics.pop("correct")
     subset = test_metrics.pop("predictions")[:REGRESSION_SUBSET]
+    times = result["wall_time_s"]
     times["evaluation"] = time.time() - t
-    times["total"] = time.time() - t_start
+    if started is not None:
+        times["total"] = time.time() - started
+    elif "total" in times:  # a re-evaluation: the caller removed the earlier evaluation's time
+        times["total"] += times["evaluation"]
     log(f"val acc {val_metrics['accuracy']:.4f}  test acc {test_metrics['accuracy']:.4f} "
         f"(generate and match {test_metrics['generate_accuracy']:.4f})")
     for fam, acc in test_metrics["per_family"].items():
         log(f"  test {fam:13s} {acc:.3f} (chance {test_metrics['chance'][fam]:.3f}, generate "
             f"{test_metrics['generate_per_family'][fam]:.3f}, n {test_metrics['family_n'][fam]})")
-
-    size = sum(p.stat().st_size for p in output_dir.glob("*.safetensors"))
-    result = {
-        "recipe": recipe,
-        "parameters": counts,
-        "checkpoint_bytes": size,
+    result.update({
         "wall_time_s": {k: round(v, 1) for k, v in times.items()},
-        "stage_a_reused": cached is not None,
-        "stage_a_source": str(vision_from) if vision_from is not None else None,
-        "full_sequence_steps": full_sequence_steps(lm_steps, subset_steps, curriculum_steps),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "vision_pretraining": vit_report,
-        "language_training": lm_report,
         "evaluation_rule": "accuracy: the family's closed choice with the highest sequence likelihood; "
                            "generate_accuracy: greedy generation matched against the answer (vtprune.bench.evaluate)",
         "prompt_template": PROMPT_TEMPLATE,
@@ -912,7 +935,7 @@ def train_reference(
                         "correct": sum(p["prediction"] == p["answer"] for p in subset),
                         "accuracy": float(np.mean([p["prediction"] == p["answer"] for p in subset])) if subset else 0.0,
                         "predictions": [p["prediction"] for p in subset]},
-    }
+    })
     (output_dir / "training_log.json").write_text(json.dumps(result, indent=2) + "\n")
     (output_dir / "training_log.txt").write_text("\n".join(lines) + "\n")
     (output_dir / "README.md").write_text(model_card(result))
@@ -961,9 +984,19 @@ def model_card(result: dict[str, Any]) -> str:
         reused = (f" Stage (a) and its features came from the recipe's stage-(a) cache (`cache_dir`), timed when they"
                   f" were made in an earlier process, so this process took {t['total'] / 60:.0f} minutes.")
     if r.get("ground_weight"):
-        auxiliary = (f"An attention auxiliary (weight {r['ground_weight']}) pulled the answer position's attention in"
-                     f" layers {r['question_layers']} to its question and in layers {r['ground_layers']} to its"
-                     " relevant patches: methods that score with those layers' attention are flattered.")
+        parts = []
+        if r["question_layers"]:
+            parts.append(f"to its own question in layers {r['question_layers']}")
+        if r["ground_layers"]:
+            parts.append(f"to its relevant patches in layers {r['ground_layers']}")
+        steps = r.get("ground_steps")
+        when = (f"during the first {steps} steps only, and was off for every full-sequence step" if steps is not None
+                else "throughout training")
+        auxiliary = (f"A grounding signal was needed to start the decoder (without it, accuracy fell as soon as the"
+                     f" curriculum showed distractors): an attention auxiliary (weight {r['ground_weight']}) pulled"
+                     f" the answer position's attention {' and '.join(parts)}, {when}. Methods that score with"
+                     f" those layers' attention would be flattered; FastV at its default depth-scaled K scores with"
+                     f" layer 0, and the pre-LLM methods read no decoder layer.")
     else:
         auxiliary = ("No auxiliary loss of any kind touched the decoder's attention: the layers that methods read"
                      " their scores from were trained by the answer loss alone.")
