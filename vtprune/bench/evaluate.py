@@ -288,8 +288,13 @@ def evaluate(
     return result
 
 
+def encode_batch(model, raw: dict[str, torch.Tensor]):
+    """The batch's images encoded once (pixels and per-image extras such as ``image_sizes`` on the model's device)."""
+    return encode_images(model, **to_model(model, {k: v for k, v in raw.items()
+                                                   if k not in ("input_ids", "attention_mask")}))
+
+
 def _encoded(model, raw: dict[str, torch.Tensor], vision_cache: dict[int, Any] | None):
     if vision_cache is not None and id(raw["pixel_values"]) in vision_cache:
         return vision_cache[id(raw["pixel_values"])]
-    extra = {k: v for k, v in raw.items() if k not in ("input_ids", "attention_mask")}
-    return encode_images(model, **to_model(model, extra))
+    return encode_batch(model, raw)

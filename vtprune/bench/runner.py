@@ -21,11 +21,10 @@ from tqdm import tqdm
 
 import vtprune
 from vtprune.bench import synthvqa as sv
-from vtprune.bench.evaluate import evaluate, make_batches, to_model, prompt_builder
+from vtprune.bench.evaluate import encode_batch, evaluate, make_batches, prompt_builder, to_model
 from vtprune.bench.intervals import bootstrap_interval
 from vtprune.bench.memory import PeakMemory
 from vtprune.methods import get_method
-from vtprune.runtime import encode_images
 
 DEFAULT_BUDGETS = (64, 128, 192)
 
@@ -52,11 +51,7 @@ def configs(methods: Sequence[str], budgets: Sequence[int]) -> list[Config]:
 
 def encode_batches(model, batches) -> dict[int, Any]:
     """ViT outputs of every batch, for configurations whose methods leave the ViT alone."""
-    param = next(model.parameters())
-    return {id(b["pixel_values"]): encode_images(model, pixel_values=b["pixel_values"].to(param.device, param.dtype),
-                                                 **{k: v.to(param.device) for k, v in b.items()
-                                                    if k not in ("pixel_values", "input_ids", "attention_mask")})
-            for b in batches}
+    return {id(b["pixel_values"]): encode_batch(model, b) for b in batches}
 
 
 def measure_speed(model, config: Config, inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
