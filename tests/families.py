@@ -155,7 +155,13 @@ class Family:
 
 
 FAMILIES = [Family(name) for name in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")]
-METHODS = ["random", "uniform", "pool", "fastv", "fastervlm", "divprune", "tome"]
+def _registered() -> list[str]:
+    from vtprune.methods import REGISTRY
+
+    return sorted(REGISTRY)
+
+
+METHODS = _registered()  # every registered method meets every runtime invariant
 
 
 def supported(family: Family, method: str) -> bool:

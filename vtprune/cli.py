@@ -1,4 +1,4 @@
-"""Command line: ``vtprune bench | show | methods | train-reference``."""
+"""Command line: ``vtprune bench | show | methods | train-reference | train-atp | export-lmms-task``."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +90,17 @@ def _train(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=1))
 
 
+def _train_atp(args: argparse.Namespace) -> None:
+    from vtprune.reference.atp import train_atp
+
+    model, processor = _load(args.model, args.device)
+    params = {"layers": tuple(args.layers)} if args.layers else {}
+    result = train_atp(model, processor, args.output, target=args.target, steps=args.steps,
+                       batch_size=args.batch_size, train_llm=args.train_llm, **params)
+    print(f"ATP modules in {result['output']} ({result['seconds'] / 60:.1f} min); use them with "
+          f"vtprune.apply(model, 'atp', weights={result['output']!r})")
+
+
 def _export_task(args: argparse.Namespace) -> None:
     from vtprune.integrations.synthvqa_task import export_synthvqa
 
@@ -144,6 +155,19 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--device", default="cpu")
     train.add_argument("--vision-from", help="reuse stage (a)'s vision tower from this earlier checkpoint of the recipe")
     train.set_defaults(run=_train)
+
+    atp = commands.add_parser("train-atp", **defaults, help="train ATP threshold modules for a model (frozen base)")
+    atp.add_argument("--model", help="local path (default: the shipped MiniLLaVA)")
+    atp.add_argument("--output", default="runs/atp", help="folder for atp_config.json and the weights")
+    atp.add_argument("--target", type=float, default=0.25,
+                     help="layer-averaged visual tokens per image: a share (<= 1) or a count (> 1)")
+    atp.add_argument("--steps", type=int, default=300)
+    atp.add_argument("--batch-size", type=int, default=8)
+    atp.add_argument("--layers", type=int, nargs="+", help="module boundaries (default: 5, 15, 25 of 32, scaled)")
+    atp.add_argument("--train-llm", action="store_true",
+                     help="also fine-tune the language model (the paper's setting; slower, changes the model)")
+    atp.add_argument("--device", default="cpu")
+    atp.set_defaults(run=_train_atp)
 
     export = commands.add_parser("export-lmms-task", **defaults, help="SynthVQA as a local lmms-eval task folder")
     export.add_argument("folder")

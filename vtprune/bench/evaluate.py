@@ -192,7 +192,8 @@ def evaluate(
     (0/1 per sample, for paired comparisons); with ``token_stats`` also ``grounded_recall`` (mean over question-
     relevant tokens of the share of an alive token they make up: 1 when kept as their own token, 1/m when one of m
     tokens merged evenly into one, 0 when dropped), visual tokens per LLM layer, analytic prefill TFLOPs and
-    ``keep_frequency`` (that share on the first grid, averaged over samples). ``batches``/``vision_cache``: the
+    ``keep_frequency`` (that share on the first grid, averaged over samples) with ``kept_bottom_half``, the part of
+    it in the grid's bottom half (FEATHER's positional-bias diagnostic; 0.5 for an even spread). ``batches``/``vision_cache``: the
     processed batches and their encoded images, when the caller reuses them across configurations.
     """
     if scoring not in SCORING_MODES:
@@ -275,13 +276,20 @@ def evaluate(
     if token_stats:
         profile = np.mean(per_layer, axis=0)
         shapes = {h.shape for h in heat}
+        frequency = np.mean(heat, axis=0) if len(shapes) == 1 else None
         result.update({
             "grounded_recall": float(np.mean(recall)) if recall else None,
             "visual_tokens_per_layer": [round(float(v), 2) for v in profile],
+            # per image (sample): what adaptive methods vary; [p10, p50, p90] per layer and each sample's layer mean
+            "visual_tokens_per_layer_spread": np.percentile(per_layer, [10, 50, 90], axis=0).T.round(1).tolist(),
+            "mean_visual_tokens_per_sample": np.mean(per_layer, axis=1).round(2).tolist(),
             "llm_input_visual_tokens": float(profile[0]),
             "mean_visual_tokens": float(profile.mean()),
             "prefill_tflops": float(np.mean(flops)) / 1e12,
-            "keep_frequency": (np.mean(heat, axis=0).round(4).tolist() if len(shapes) == 1 else None),
+            "keep_frequency": None if frequency is None else frequency.round(4).tolist(),
+            # FEATHER's diagnostic: share of what survives that comes from the bottom half of the grid (0.5: none)
+            "kept_bottom_half": None if frequency is None or not frequency.sum() else
+            float(frequency[frequency.shape[0] // 2:].sum() / frequency.sum()),
         })
     if return_predictions:
         result["predictions"] = predictions

@@ -60,4 +60,32 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     paths.append(out_dir / "keep_frequency.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
+    adaptive = [r for r in report["results"] if r["budget"] is not None and r.get("mean_visual_tokens_per_sample")
+                and np.ptp(r["mean_visual_tokens_per_sample"]) > 0]
+    if adaptive:
+        paths.append(_plot_distribution(adaptive, out_dir / "kept_distribution.png"))
     return paths
+
+
+def _plot_distribution(records: list[dict[str, Any]], path: Path) -> Path:
+    """Methods whose counts differ between images: per layer the 10/50/90th percentile of the visual tokens an image
+    keeps, and the histogram of each image's layer-averaged count."""
+    fig, (layers_ax, hist_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for record in records:
+        label = f"{record['method']}@{record['budget']}"
+        spread = np.array(record["visual_tokens_per_layer_spread"])
+        x = np.arange(len(spread))
+        line = layers_ax.plot(x, spread[:, 1], marker="o", label=label)[0]
+        layers_ax.fill_between(x, spread[:, 0], spread[:, 2], alpha=0.2, color=line.get_color())
+        hist_ax.hist(record["mean_visual_tokens_per_sample"], bins=30, alpha=0.6, label=label)
+    layers_ax.set_xlabel("decoder layer")
+    layers_ax.set_ylabel("visual tokens per image (median, 10-90%)")
+    hist_ax.set_xlabel("visual tokens per image, averaged over layers")
+    hist_ax.set_ylabel("images")
+    for ax in (layers_ax, hist_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

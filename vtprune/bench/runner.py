@@ -25,6 +25,7 @@ from vtprune.bench.evaluate import encode_batch, evaluate, make_batches, prompt_
 from vtprune.bench.intervals import bootstrap_interval
 from vtprune.bench.memory import PeakMemory
 from vtprune.methods import get_method
+from vtprune.models import adapter_for
 
 DEFAULT_BUDGETS = (64, 128, 192)
 
@@ -102,13 +103,23 @@ def run_bench(
     speed_inputs = to_model(model, make_batches(processor, samples[:speed_samples], speed_samples, prompt)[0])
     vision_cache = encode_batches(model, batches)
     results = []
-    todo = configs(methods, budgets)
+    todo, skipped = configs([m for m in methods if not get_method(m).learned_budget], budgets), {}
+    for name in (m for m in methods if get_method(m).learned_budget):
+        try:  # a learned budget: one configuration, at the target its weights were trained for
+            resolved = get_method(name)().resolved(adapter_for(model))
+        except ValueError as error:
+            skipped[name] = str(error)
+            continue
+        target, visual = resolved.get("target"), adapter_for(model).fixed_tokens_per_image
+        label = round(target * visual) if target is not None and target <= 1 and visual else round(target or 0)
+        todo.append(Config(name, label, {}))
     bar = tqdm(todo, desc="vtprune bench", disable=not progress)
     for config in bar:
         bar.set_postfix_str(config.label)
         record = {"method": config.method or "unpruned", "budget": config.budget, "params": config.params}
         if config.method is not None:
             record["budget_convention"] = get_method(config.method).budget_convention
+            record["resolved"] = get_method(config.method)(**config.params).resolved(adapter_for(model))
         record.update(evaluate(model, processor, samples, method=config.method, params=config.params,
                                scoring=scoring, prompt=prompt, batches=batches, vision_cache=vision_cache))
         record.update(measure_speed(model, config, speed_inputs, speed_repeats))
@@ -133,6 +144,7 @@ def run_bench(
         "latency": f"best of {speed_repeats} prefills of a batch of {speed_samples}, interleaved with unpruned "
                    "(includes the ViT, which is computed afresh for every prefill)",
         "results": results,
+        "skipped": skipped,
     }
 
 
@@ -141,16 +153,18 @@ def format_table(report: dict[str, Any]) -> str:
     short = {"attribute": "attr", "existence": "exist", "counting": "count", "spatial": "spat",
              "localisation": "loc", "reading": "read"}
     head = (f"{'config':<16}{'acc':>6}{'±':>5}{'ret%':>6}{'±':>5} " + "".join(f"{short[f]:>6}" for f in report["families"])
-            + f"{'recall':>7}{'tok/L0':>7}{'tok/avg':>8}{'FLOPs':>7}{'lat':>6}{'KV MB':>7}")
+            + f"{'recall':>7}{'bot%':>6}{'tok/L0':>7}{'tok/avg':>8}{'FLOPs':>7}{'lat':>6}{'KV MB':>7}")
     lines = [head, "-" * len(head)]
     for r in report["results"]:
         label = "unpruned" if r["budget"] is None else f"{r['method']}@{r['budget']}"
         recall = r["grounded_recall"]
+        bottom = r.get("kept_bottom_half")
         lines.append(
             f"{label:<16}{r['accuracy']*100:6.1f}{_half_width(r.get('accuracy_ci')):>5}"
             f"{(r['retention'] or 0)*100:6.1f}{_half_width(r.get('retention_ci')):>5} "
             + "".join(f"{r['per_family'].get(f, float('nan'))*100:6.1f}" for f in report["families"])
-            + f"{(recall if recall is not None else float('nan'))*100:7.1f}{r['llm_input_visual_tokens']:7.0f}"
+            + f"{(recall if recall is not None else float('nan'))*100:7.1f}"
+            + f"{(bottom if bottom is not None else float('nan'))*100:6.0f}{r['llm_input_visual_tokens']:7.0f}"
             + f"{r['mean_visual_tokens']:8.1f}{r['flops_ratio']:7.2f}{r['latency_ratio']:6.2f}{r['kv_cache_mb']:7.2f}"
         )
     return "\n".join(lines)

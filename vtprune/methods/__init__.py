@@ -13,6 +13,8 @@ from vtprune.methods.base import (
 from vtprune.methods.divprune import DivPrune
 from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
+from vtprune.methods.feather import Feather
+from vtprune.methods.pyramiddrop import PyramidDrop
 from vtprune.methods.selection import GridPool, RandomKeep, UniformKeep
 from vtprune.methods.tome import ToMe
 
@@ -20,10 +22,12 @@ __all__ = [
     "REGISTRY",
     "DivPrune",
     "FastV",
+    "Feather",
     "FasterVLM",
     "GridPool",
     "Method",
     "Param",
+    "PyramidDrop",
     "RandomKeep",
     "ToMe",
     "UniformKeep",

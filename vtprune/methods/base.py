@@ -16,8 +16,9 @@ from vtprune.runtime.operators import PreLLMOperator
 class Param:
     """A declared method parameter, checked when the method is built (so before anything is installed).
 
-    ``kind``: int, float, bool or str (numpy scalars are accepted; a bool is never taken for a number);
-    ``choices``: allowed values; ``low``/``high``: bounds (``low_open``: the low bound itself is excluded); a
+    ``kind``: int, float, bool, str or tuple (a non-empty sequence of distinct integers, stored ascending, each
+    checked against the bounds; e.g. layer lists); numpy scalars are accepted and a bool is never taken for a
+    number. ``choices``: allowed values; ``low``/``high``: bounds (``low_open``: the low bound itself is excluded); a
     ``None`` value is allowed only where the default is ``None``.
     """
 
@@ -36,6 +37,8 @@ class Param:
             if self.default is None:
                 return None
             raise ValueError(f"{method}: {self.name}=None is not allowed; its default is {self.default!r}")
+        if self.kind is tuple:
+            return self._check_sequence(method, value)
         if self.kind is int:
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{method}: {self.name}={value!r} must be an integer")
@@ -58,6 +61,20 @@ class Param:
         if self.high is not None and value > self.high:
             raise ValueError(f"{method}: {self.name}={given!r} must be <= {self.high}")
         return value
+
+    def _check_sequence(self, method: str, value: Any) -> tuple[int, ...]:
+        items = list(value) if isinstance(value, (list, tuple, np.ndarray, torch.Tensor)) else None
+        if not items or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in items):
+            raise ValueError(f"{method}: {self.name}={value!r} must be a non-empty list of integers, e.g. (2, 4, 6)")
+        numbers_ = [int(v) for v in items]
+        if len(set(numbers_)) != len(numbers_):
+            raise ValueError(f"{method}: {self.name}={value!r} lists a value twice")
+        for v in numbers_:
+            if self.low is not None and v < self.low:
+                raise ValueError(f"{method}: {self.name}={value!r}: every entry must be >= {self.low}")
+            if self.high is not None and v > self.high:
+                raise ValueError(f"{method}: {self.name}={value!r}: every entry must be <= {self.high}")
+        return tuple(sorted(numbers_))
 
 
 BUDGET_PARAMS = (
@@ -92,6 +109,7 @@ class Method:
     default_separators: ClassVar[str] = "rows"
     requires: ClassVar[frozenset[str]] = frozenset()
     params: ClassVar[tuple[Param, ...]] = ()
+    learned_budget: ClassVar[bool] = False  # counts come from trained weights; keep/ratio are refused
 
     def __init__(self, **values: Any) -> None:
         declared = {p.name: p for p in self.all_params()}
@@ -159,6 +177,11 @@ class Method:
 
     def operators(self, adapter: Adapter) -> list:
         raise NotImplementedError
+
+    def resolved(self, adapter: Adapter) -> dict[str, Any]:
+        """The settings this method actually runs with on ``adapter``'s model where they are derived (scaled layers,
+        solved schedules), JSON-ready; stored with bench results. Empty when nothing is derived."""
+        return {}
 
     @classmethod
     def describe(cls) -> dict[str, Any]:

@@ -14,7 +14,7 @@ class _FastVDrop(LayerOperator):
 
     def scores(self, ctx: LayerContext):
         """Score per token [B, n]: head-mean attention from the chosen query rows of layer K-1."""
-        return attention_received(ctx, self.method.query)
+        return attention_received(ctx, self.method.query, rope=self.method.criterion_rope)
 
     def transform(self, ctx: LayerContext) -> Transition:
         group = ctx.image.masked_fill(~ctx.candidate, -1)
@@ -39,6 +39,10 @@ class FastV(Method):
     prunes the whole image span). Budget convention (a): ``keep`` = visual tokens *per image* kept after layer K (the
     official code ranks one prompt's images jointly; per image keeps every image represented); layers < K see all.
     The layer-averaged equivalent is ``pruner.stats.mean_visual_tokens``.
+
+    ``criterion_rope=False`` is the "FastV w/o RoPE" ablation of FEATHER (Endo et al., arXiv 2412.13180): the
+    ranking uses q and k without their rotary embedding, which removes RoPE's preference for the image tokens nearest
+    the text (the bottom rows); the model's own forward keeps RoPE.
     """
 
     name = "fastv"
@@ -51,10 +55,13 @@ class FastV(Method):
         Param("layer", None, "K: tokens are dropped before decoder layer K (None: 2 of 32, scaled to the depth)", int,
               low=0),
         Param("query", "last", "attention rows that score tokens", str, ("last", "all", "text")),
+        Param("criterion_rope", True, "score with RoPE on q and k (False: FEATHER's no-RoPE ablation)", bool),
     )
 
     def operators(self, adapter: Adapter) -> list:
         self.check_budget(adapter)
+        return [_FastVDrop(self, self.resolved(adapter)["layer"])]
+
+    def resolved(self, adapter: Adapter) -> dict[str, int]:
         depth = len(adapter.decoder_layers)
-        layer = self.layer if self.layer is not None else scaled_layer(2, 32, depth)
-        return [_FastVDrop(self, layer)]
+        return {"layer": self.layer if self.layer is not None else scaled_layer(2, 32, depth)}

@@ -19,21 +19,36 @@ def cls_attention(ctx: PreLLMContext, image: ImageTokens, block: int | None = No
     return torch.where(vision_index >= 0, per_vision_token[vision_index.clamp_min(0)], float("-inf"))
 
 
-def attention_received(ctx: LayerContext, query: str = "last") -> torch.Tensor:
-    """Head-mean attention each token receives [B, n] at layer ``ctx.layer - 1``, recomputed from that layer's q/k
-    with RoPE and GQA. ``query``: ``"last"`` (the last prompt token's row), ``"text"`` (mean over the text tokens
-    after the first visual token) or ``"all"`` (mean over all real rows, each over its causal keys). Padding rows
-    never count, so a left-padded row scores like the same prompt alone."""
-    if query in ctx.cache:
-        return ctx.cache[query]
-    if ctx.previous_input is None:
-        raise RuntimeError("attention_received needs the input of the previous layer (layer >= 1)")
-    hidden, rope = ctx.previous_input
+def attention_received(ctx: LayerContext, query: str = "last", *, layer: str = "previous", rope: bool = True,
+                       keys: str = "causal") -> torch.Tensor:
+    """Head-mean attention each token receives [B, n], recomputed from a decoder layer's own q/k with GQA.
+
+    ``layer``: ``"previous"`` (layer ``ctx.layer - 1`` on its input: the attention that layer computed, FastV and
+    FEATHER) or ``"current"`` (layer ``ctx.layer`` on the tokens about to enter it: the attention it is about to
+    compute, PyramidDrop). ``query``: ``"last"`` (the last prompt token's row), ``"text"`` (mean over the text tokens
+    after the first visual token) or ``"all"`` (mean over all real rows). ``rope``: False scores q and k without
+    their rotary embedding (FEATHER). ``keys``: ``"causal"`` (softmax over every key a row sees) or ``"visual"``
+    (over the visual tokens only; other tokens score 0). Padding rows never count, so a left-padded row scores like
+    the same prompt alone. Cached per option set in ``ctx.cache``.
+    """
+    cache_key = ("attention_received", query, layer, rope, keys)
+    if cache_key in ctx.cache:
+        return ctx.cache[cache_key]
+    if layer == "previous":
+        if ctx.previous_input is None:
+            raise RuntimeError("attention_received(layer='previous') needs the input of the previous layer "
+                               "(layer >= 1)")
+        hidden, positions_rope = ctx.previous_input
+        index = ctx.layer - 1
+    else:
+        hidden, positions_rope, index = ctx.hidden_states, ctx.rope, ctx.layer
     batch, n = ctx.valid.shape
     order = torch.arange(n, device=ctx.valid.device)
     rows = torch.full((batch, 1), n - 1, device=ctx.valid.device) if query == "last" else order.expand(batch, n)
     key_mask = (order[None, :] <= rows[..., None]) & ctx.valid[:, None, :]
-    probs = ctx.adapter.llm_attention(ctx.layer - 1, hidden, rope, rows, key_mask).mean(1)
+    if keys == "visual":
+        key_mask &= ctx.visual[:, None, :]
+    probs = ctx.adapter.llm_attention(index, hidden, positions_rope if rope else None, rows, key_mask).mean(1)
     if query == "last":
         score = probs[:, 0]
     else:
@@ -42,5 +57,5 @@ def attention_received(ctx: LayerContext, query: str = "last") -> torch.Tensor:
         if query == "text":
             use &= ~ctx.visual & (order[None, :] > first_visual[:, None])
         score = (probs * use[..., None]).sum(1) / use.sum(1, keepdim=True).clamp_min(1)
-    ctx.cache[query] = score
+    ctx.cache[cache_key] = score
     return score

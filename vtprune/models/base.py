@@ -161,9 +161,10 @@ class Adapter:
         return self.language_model.rotary_emb(hidden, self.positions_out(positions))
 
     # --- attention rows --------------------------------------------------------------------------------------
-    def llm_attention(self, layer: int, layer_input: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def llm_attention(self, layer: int, layer_input: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                       query_rows: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """Attention [B, H, q, n] of decoder ``layer`` for ``query_rows`` [B, q] over its own input tokens."""
+        """Attention [B, H, q, n] of decoder ``layer`` for ``query_rows`` [B, q] over its own input tokens (``rope``
+        None: without rotary embeddings)."""
         return decoder_attention_rows(self.decoder_layers[layer], layer_input, rope, query_rows, key_mask)
 
     def vision_attention(self, trace: VisionTrace, block: int, query_rows: torch.Tensor) -> torch.Tensor:

@@ -59,12 +59,13 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def query_key(
-    attention: nn.Module, normed: torch.Tensor, query_rows: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]
+    attention: nn.Module, normed: torch.Tensor, query_rows: torch.Tensor | None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated queries of ``query_rows`` [B, q] (None: no query) and keys of every token of ``normed`` [B, n, D],
-    as ``attention`` computes them: ([B, H, q, d], [B, H_kv, n, d])."""
+    as ``attention`` computes them: ([B, H, q, d], [B, H_kv, n, d]). ``rope`` None: no rotation (criteria that
+    ignore positions, as FEATHER's)."""
     head_dim = attention.head_dim
-    cos, sin = rope
     if hasattr(attention, "qkv_proj"):  # Phi-3: one fused projection, queries first
         q_width = attention.config.num_attention_heads * head_dim
         k_width = attention.num_key_value_heads * head_dim
@@ -80,27 +81,32 @@ def query_key(
     key = _heads(key, head_dim)
     if hasattr(attention, "k_norm"):  # Qwen3: RMS norm per head before RoPE
         key = attention.k_norm(key.transpose(1, 2)).transpose(1, 2)
-    key = apply_rotary(key, cos, sin)
+    if rope is not None:
+        key = apply_rotary(key, *rope)
     if query is not None:
         query = _heads(query, head_dim)
         if hasattr(attention, "q_norm"):
             query = attention.q_norm(query.transpose(1, 2)).transpose(1, 2)
-        rows = query_rows[..., None].expand(-1, -1, cos.shape[-1])
-        query = apply_rotary(query, cos.gather(1, rows), sin.gather(1, rows))
+        if rope is not None:
+            cos, sin = rope
+            rows = query_rows[..., None].expand(-1, -1, cos.shape[-1])
+            query = apply_rotary(query, cos.gather(1, rows), sin.gather(1, rows))
     return query, key
 
 
 def decoder_attention_rows(
     layer: nn.Module,
     layer_input: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor],
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
     query_rows: torch.Tensor,
     key_mask: torch.Tensor,
 ) -> torch.Tensor:
     """Attention probabilities [B, H, q, n] (float32) of decoder ``layer`` for ``query_rows`` [B, q] over its own input
-    tokens ``layer_input`` [B, n, D]; ``key_mask`` [B, q, n] says which keys each row sees."""
+    tokens ``layer_input`` [B, n, D]; ``key_mask`` [B, q, n] says which keys each row sees; ``rope`` None: q and k
+    without their rotary embedding."""
     normed = layer.input_layernorm(layer_input)
     batch = normed.shape[0]
-    cos, sin = (x.expand(batch, -1, -1) for x in rope)
-    query, key = query_key(layer.self_attn, normed, query_rows, (cos, sin))
+    if rope is not None:
+        rope = tuple(x.expand(batch, -1, -1) for x in rope)
+    query, key = query_key(layer.self_attn, normed, query_rows, rope)
     return attention_probs(query, key, layer.self_attn.scaling, key_mask)

@@ -2,9 +2,15 @@
 
 Nothing here knows about a model; adapters compute queries/keys, methods decide which op to call.
 """
-from vtprune.ops.attention import apply_rotary, attention_probs, rotate_half
+from vtprune.ops.attention import apply_rotary, attention_probs, reweight_keys, rotate_half
 from vtprune.ops.diversity import max_min_diversity
-from vtprune.ops.grid import pool_budgets, pool_grid_shape, split_budget, uniform_grid_indices
+from vtprune.ops.grid import (
+    pool_budgets,
+    pool_grid_shape,
+    sparsest_grid_stride,
+    split_budget,
+    uniform_grid_indices,
+)
 from vtprune.ops.merge import (
     MergePlan,
     bipartite_soft_matching,
@@ -31,7 +37,9 @@ __all__ = [
     "pool_grid",
     "pool_grid_shape",
     "random_indices",
+    "reweight_keys",
     "rotate_half",
+    "sparsest_grid_stride",
     "split_budget",
     "topk_indices",
     "uniform_grid_indices",

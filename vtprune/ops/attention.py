@@ -29,6 +29,19 @@ def attention_probs(
     return logits.softmax(dim=-1)
 
 
+def reweight_keys(probs: torch.Tensor, key_weight: torch.Tensor) -> torch.Tensor:
+    """Attention ``probs`` [B, ..., q, n] of queries at the last ``q`` positions, recomputed as if ``log(weight)`` had
+    been added to every key's logit, the diagonal exempt: ``p_ij * w_j / sum_k p_ik * w_k``. ``key_weight`` [B, n];
+    query i is taken to be token ``n - q + i`` (square maps: q = n). This is the runtime's training-mode soft mask,
+    so rows recomputed without it match what the masked layer computed; a weight of 0 equals a dropped key."""
+    n, q = probs.shape[-1], probs.shape[-2]
+    weight = key_weight.float().reshape(key_weight.shape[0], *([1] * (probs.dim() - 2)), n).expand_as(probs).clone()
+    own = torch.arange(n - q, n, device=probs.device)
+    weight[..., torch.arange(q, device=probs.device), own] = 1.0
+    weighted = probs * weight
+    return weighted / weighted.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """The Llama RoPE helper: (x1, x2) -> (-x2, x1) over the two halves of the last dim."""
     half = x.shape[-1] // 2

@@ -91,3 +91,13 @@ def pool_budgets(total: int, grids: list[tuple[int, int]]) -> list[int]:
             if tail is not None and all(_factors(k, *g) for k, g in zip(tail, grids[1:])):
                 return [shares[0], *tail]
     raise ValueError(f"k={total} cannot be split into h*w blocks over grids {grids}")
+
+
+def sparsest_grid_stride(row: torch.Tensor, col: torch.Tensor, strides: tuple[int, ...]) -> torch.Tensor:
+    """For tokens at grid places (``row``, ``col``) (any shape; -1: not on a grid), the largest stride ``s`` of
+    ``strides`` whose uniform grid (rows and columns 0, s, 2s, ...) holds the token; 0 when none does."""
+    out = torch.zeros_like(row)
+    on_grid = (row >= 0) & (col >= 0)
+    for stride in sorted(strides):
+        out = torch.where(on_grid & (row % stride == 0) & (col % stride == 0), stride, out)
+    return out

@@ -140,7 +140,8 @@ class LayerContext:
     the LLM (budgets are per image);
     ``rows``: each token's row in the LLM-input sequence (``universe_hidden`` [B, n0, D] holds that sequence's
     layer-0 states, for operators that bring skipped tokens back); ``previous_input``: (hidden, rope) entering layer
-    ``layer - 1`` when the operator asked for it; ``training``: trainable operators should return soft weights.
+    ``layer - 1`` when the operator asked for it; ``training``: trainable operators should return soft weights;
+    ``weight``: the soft keep weight each token carries from earlier training-mode transitions (None: all 1).
     """
 
     adapter: Adapter
@@ -164,6 +165,7 @@ class LayerContext:
     universe_visual: torch.Tensor
     previous_input: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
     training: bool = False
+    weight: torch.Tensor | None = None
     cache: dict[Any, torch.Tensor] = field(default_factory=dict)
 
 

@@ -462,7 +462,7 @@ class Pruner:
             tags={name: tokens.lookup(tag) * tokens.valid for name, tag in universe.tags.items()},
             image_candidates=universe.image_candidates, positions=tokens.positions, rope=rope,
             rows=tokens.rows, universe_hidden=universe.hidden, universe_visual=universe.visual,
-            previous_input=prefill.layer_inputs.get(index - 1), training=self._soft,
+            previous_input=prefill.layer_inputs.get(index - 1), training=self._soft, weight=tokens.weight,
         )
 
     # --- decoding ------------------------------------------------------------------------------------------------
