@@ -318,3 +318,30 @@ def test_train_atp_writes_weights_that_load_by_path(tmp_path):
         model(**inputs)
     counts = pruner.stats.visual_tokens[0]
     assert counts[0] == 576 and bool((counts[1:] <= counts[:-1]).all())
+
+
+def test_shipped_weights_load_by_name_on_the_shipped_model_only():
+    """`vtprune.apply(model, "atp")` on the shipped MiniLLaVA finds the shipped modules (trained for 25% of the
+    visual tokens on average over layers); the counts fall per layer and differ between images."""
+    from vtprune import reference
+    from vtprune.methods.atp import shipped_atp
+
+    assert shipped_atp(), "no shipped ATP weights"
+    model, processor = reference.load_reference()
+    method = vtprune.get_method("atp")()
+    from vtprune.models import adapter_for
+
+    resolved = method.resolved(adapter_for(model))
+    assert resolved["target"] == 0.25 and resolved["weights"].endswith("mini-llava-atp")
+    samples = [reference.sample(i) for i in range(6)]
+    inputs = processor(images=[s.image for s in samples],
+                       text=[reference.format_prompt(s.question) for s in samples], return_tensors="pt",
+                       padding=True, padding_side="left")
+    with torch.no_grad(), vtprune.apply(model, "atp") as pruner:
+        model(**inputs)
+    counts = pruner.stats.visual_tokens
+    assert bool((counts[:, 1:] <= counts[:, :-1]).all()) and bool((counts[:, -1] < 576).all())
+    assert len(set(counts[:, -1].tolist())) > 1  # instance-adaptive
+    other = tiny_llava()
+    with pytest.raises(ValueError, match="ships them only"):
+        vtprune.apply(other, "atp")

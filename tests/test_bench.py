@@ -56,6 +56,12 @@ def test_report_schema_and_token_accounting(report, tmp_path):
     path = save_report(report, tmp_path)
     assert json.loads(path.read_text())["results"][1]["budget"] == 64
     assert "fastv@64" in format_table(report)
+    assert fastv64["resolved"] == {"layer": 1} and base.get("resolved") is None
+    for record in results:  # the kept share's bottom half: all of it for unpruned -> 0.5 exactly
+        assert 0 <= record["kept_bottom_half"] <= 1
+    assert base["kept_bottom_half"] == 0.5 and results[5]["kept_bottom_half"] == pytest.approx(0.5)
+    assert base["mean_visual_tokens_per_sample"] == [576.0] * report["samples"]
+    assert fastv64["visual_tokens_per_layer_spread"][1] == [64.0, 64.0, 64.0]
 
 
 def test_flops_follow_the_documented_formula(report):

@@ -30,14 +30,14 @@ def _load(model_path: str | None, device: str, dtype: str = "float32"):
 def _bench(args: argparse.Namespace) -> None:
     from vtprune.bench import synthvqa as sv
     from vtprune.bench.plots import plot_report
-    from vtprune.bench.runner import format_table, run_bench, save_report
+    from vtprune.bench.runner import DEFAULT_BUDGETS, format_table, run_bench, save_report
     from vtprune.methods import REGISTRY
 
     model, processor = _load(args.model, args.device, args.dtype)
     methods = args.methods or sorted(REGISTRY)
     samples = sv.load_split("test", args.samples)
     start = time.perf_counter()
-    report = run_bench(model, processor, samples, methods, args.budgets, batch_size=args.batch_size,
+    report = run_bench(model, processor, samples, methods, args.budgets or DEFAULT_BUDGETS, batch_size=args.batch_size,
                        scoring=args.scoring)
     report["dtype"] = args.dtype
     report["model"] = args.model or "shipped MiniLLaVA (vtprune/reference/mini-llava)"
@@ -95,7 +95,7 @@ def _train_atp(args: argparse.Namespace) -> None:
 
     model, processor = _load(args.model, args.device)
     params = {"layers": tuple(args.layers)} if args.layers else {}
-    result = train_atp(model, processor, args.output, target=args.target, steps=args.steps,
+    result = train_atp(model, processor, args.output, target=args.target, steps=args.steps, lr=args.lr,
                        batch_size=args.batch_size, train_llm=args.train_llm, **params)
     print(f"ATP modules in {result['output']} ({result['seconds'] / 60:.1f} min); use them with "
           f"vtprune.apply(model, 'atp', weights={result['output']!r})")
@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     bench = commands.add_parser("bench", **defaults, help="methods x budgets on SynthVQA: accuracy, FLOPs, latency, plots")
     bench.add_argument("--model", help="local path or hub id (default: the shipped MiniLLaVA)")
     bench.add_argument("--methods", nargs="+", help="registered method names (default: all)")
-    bench.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 192], help="visual tokens kept")
+    bench.add_argument("--budgets", nargs="+", type=int,
+                       help="visual tokens kept, in each method's convention (default: 64 128 144 192; 144 = 25%% "
+                       "of 576, ATP's target)")
     bench.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="test questions (balanced families)")
     bench.add_argument("--batch-size", type=int, default=16)
     bench.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                      help="layer-averaged visual tokens per image: a share (<= 1) or a count (> 1)")
     atp.add_argument("--steps", type=int, default=300)
     atp.add_argument("--batch-size", type=int, default=8)
+    atp.add_argument("--lr", type=float, default=0.03, help="learning rate of the ATP modules")
     atp.add_argument("--layers", type=int, nargs="+", help="module boundaries (default: 5, 15, 25 of 32, scaled)")
     atp.add_argument("--train-llm", action="store_true",
                      help="also fine-tune the language model (the paper's setting; slower, changes the model)")

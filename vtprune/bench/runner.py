@@ -27,7 +27,7 @@ from vtprune.bench.memory import PeakMemory
 from vtprune.methods import get_method
 from vtprune.models import adapter_for
 
-DEFAULT_BUDGETS = (64, 128, 192)
+DEFAULT_BUDGETS = (64, 128, 144, 192)
 
 
 @dataclass

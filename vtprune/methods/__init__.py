@@ -10,6 +10,7 @@ from vtprune.methods.base import (
     support_table,
     supported_methods,
 )
+from vtprune.methods.atp import ATP
 from vtprune.methods.divprune import DivPrune
 from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
@@ -19,6 +20,7 @@ from vtprune.methods.selection import GridPool, RandomKeep, UniformKeep
 from vtprune.methods.tome import ToMe
 
 __all__ = [
+    "ATP",
     "REGISTRY",
     "DivPrune",
     "FastV",

@@ -31,7 +31,7 @@ def train_atp(
     target: float = 0.25,
     steps: int = 300,
     batch_size: int = 8,
-    lr: float = 3e-3,
+    lr: float = 0.03,
     budget_weight: float = 2.0,
     compute_weight: float = 0.05,
     train_llm: bool = False,
@@ -93,8 +93,8 @@ def train_atp(
             loss.backward()
             optimiser.step()
             schedule.step()
-            curve.append({"step": step, "loss": float(loss), "answer_loss": float(answer_loss),
-                          "soft_tokens": float(average.mean()), "target": float(goal.mean())})
+            curve.append({"step": step, "loss": float(loss.detach()), "answer_loss": float(answer_loss.detach()),
+                          "soft_tokens": float(average.detach().mean()), "target": float(goal.mean())})
             if step % 10 == 0:
                 recent = curve[-10:]
                 log(f"[atp] step {step}/{steps} answer loss {np.mean([c['answer_loss'] for c in recent]):.3f} "

@@ -1045,7 +1045,8 @@ pooled [CLS] output plus per-patch colour/shape/glyph/centroid heads (both heads
 model and no question is involved.
 
 (b) Tower frozen; projector and decoder: {r['lm_steps']} steps of {r['lm_batch']} images (all questions of an
-image share its prefix), loss on the answer token.{end_text}
+image share its prefix){', forward in bfloat16 autocast (weights and optimiser in float32)' if r.get('amp') else ''}, loss on
+the answer token.{end_text}
 
 **Full visual sequence: {full} of {r['lm_steps']} language-model steps ({100 * full / r['lm_steps']:.0f}%)** saw
 all 576 image tokens with nothing masked, as real LLaVA checkpoints are trained. {start_text}{auxiliary}
