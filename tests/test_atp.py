@@ -345,3 +345,21 @@ def test_shipped_weights_load_by_name_on_the_shipped_model_only():
     other = tiny_llava()
     with pytest.raises(ValueError, match="ships them only"):
         vtprune.apply(other, "atp")
+
+
+def test_a_batch_with_different_kept_counts_equals_single_runs(model, monkeypatch):
+    """T10: two samples that keep different numbers of tokens, left-padded into one batch == each alone."""
+    inputs = _inputs()
+    weights = _median_threshold_weights(model, inputs, monkeypatch)
+    with torch.no_grad(), vtprune.apply(model, "atp", weights=weights) as pruner:
+        logits = model(**inputs).logits[:, -1]
+        counts = pruner.stats.visual_tokens.clone()
+        for row in range(2):
+            alone = {"input_ids": inputs["input_ids"][row:row + 1], "pixel_values": inputs["pixel_values"][row:row + 1]}
+            alone["attention_mask"] = inputs["attention_mask"][row:row + 1]
+            width = int(alone["attention_mask"].sum())
+            alone = {k: v[:, -width:] if k != "pixel_values" else v for k, v in alone.items()}
+            single = model(**alone).logits[:, -1]
+            torch.testing.assert_close(logits[row], single[0], atol=1e-4, rtol=1e-4)
+            assert torch.equal(counts[row], pruner.stats.visual_tokens[0])
+    assert not torch.equal(counts[0], counts[1])

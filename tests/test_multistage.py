@@ -119,9 +119,10 @@ def test_pyramiddrop_solves_lambda_for_a_layer_average():
     """keep = layer-averaged tokens: the solved plan lands within 2 tokens for budgets the paper's boundaries
     reach, and switches to earlier boundaries for smaller ones (recorded in the plan)."""
     for depth in (8, 32):
-        for keep in (64, 128, 192, 270):
+        for keep in (64, 128, 144, 192, 270):
             plan = PyramidDrop(keep=keep).schedule(576, depth)
             assert abs(plan.mean_tokens - keep) <= 2
+            assert plan.lam >= 0.25  # no degenerate pyramid (all but nothing dropped at the first boundary)
             assert plan.mean_tokens == layer_average(576, plan.boundaries, plan.counts, depth)
             assert list(plan.counts) == sorted(plan.counts, reverse=True)
     assert PyramidDrop(keep=192).schedule(576, 32).boundaries == (8, 16, 24)

@@ -18,6 +18,7 @@ PAPER_LAMBDA = 0.5
 # Boundaries tried, in order, when a layer-averaged budget is below what the paper's reach (see the docstring).
 FALLBACK_LAYERS = ((2, 6, 12, 18, 24), (0, 6, 12, 18, 24))
 LAMBDA_STEPS = 10_000  # lambda is searched on a grid of 1e-4
+MIN_LAMBDA = 0.25  # the smallest lambda the paper's schedules use (its 192-token row); below it a pyramid degenerates
 
 
 @dataclass(frozen=True)
@@ -92,9 +93,11 @@ class PyramidDrop(Method):
     Budget convention (the paper's Table 2): ``keep`` = image tokens per image averaged over all decoder layers
     (layers before the first boundary count with all N0), ``ratio`` = that average as a share of N0. Given one,
     ``lam`` is solved on a 1e-4 grid so that the average is as close as the integer counts allow. The paper does not
-    publish the (boundaries, lam) behind its 192/128/64 rows ([GAP]); ours, when ``layers`` is not given: the paper's
-    boundaries if they reach the budget (their minimum is about 8/32 of N0), else the card's 2, 6, 12, 18, 24, else
-    0, 6, 12, 18, 24 — a cut before layer 0, scored by layer 0's own q/k on the input embeddings, which the paper
+    publish the (boundaries, lam) behind its 192/128/64 rows ([GAP]); ours, when ``layers`` is not given: the first
+    of the paper's boundaries, the card's 2, 6, 12, 18, 24 and 0, 6, 12, 18, 24 that reaches the budget with lam >=
+    0.25 (the smallest lambda of the paper's own schedules; the paper's boundaries can reach about 8/32 of N0 only
+    by keeping almost nothing after the first cut), else the one reaching it with the largest lam. The last list
+    cuts before layer 0, scored by layer 0's own q/k on the input embeddings, which the paper
     never uses but which small budgets on shallow models need. ``schedule(N0, depth)`` returns the plan; the bench
     stores it with every result. ``lam=`` fixes the paper's parameter instead of a budget.
     ``criterion_rope=False`` scores without RoPE (FEATHER's fix, a named variant).
@@ -130,10 +133,15 @@ class PyramidDrop(Method):
             return Schedule(visual_tokens, depth, candidates[0], lam, counts,
                             layer_average(visual_tokens, candidates[0], counts, depth))
         target = min(self.keep, visual_tokens) if self.keep is not None else self.ratio * visual_tokens
+        reached = []
         for boundaries in candidates:
             plan = solve_schedule(visual_tokens, depth, boundaries, float(target))
             if abs(plan.mean_tokens - target) <= min(2.0, max(0.5, 0.05 * target)):  # the card's +-2, tighter when small
-                return plan
+                if plan.lam >= MIN_LAMBDA or len(candidates) == 1:
+                    return plan
+                reached.append(plan)
+        if reached:  # every candidate needs a degenerate lambda: the gentlest of them
+            return max(reached, key=lambda plan: plan.lam)
         lowest = solve_schedule(visual_tokens, depth, candidates[-1], 0.0).mean_tokens
         raise ValueError(
             f"pyramiddrop: a layer average of {target:g} image tokens out of {visual_tokens} cannot be reached with "
