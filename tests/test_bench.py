@@ -12,7 +12,7 @@ from vtprune import reference
 from vtprune.bench import synthvqa
 from vtprune.bench.flops import prefill_flops
 from vtprune.bench.plots import plot_report
-from vtprune.bench.runner import format_table, run_bench, save_report
+from vtprune.bench.runner import format_table, readme_table, run_bench, save_report
 
 RECORD_KEYS = {
     "method", "budget", "params", "accuracy", "retention", "per_family", "grounded_recall",
@@ -57,6 +57,8 @@ def test_report_schema_and_token_accounting(report, tmp_path):
     assert json.loads(path.read_text())["results"][1]["budget"] == 64
     assert "fastv@64" in format_table(report)
     assert fastv64["resolved"] == {"layer": 1} and base.get("resolved") is None
+    chance = np.mean([synthvqa.chance_rate(s.family) for s in synthvqa.load_split("test", 6)])
+    assert f"| chance (a uniform guess among each question's choices) | {100 * chance:.1f} |" in readme_table(report)
     for record in results:  # the kept share's bottom half: all of it for unpruned -> 0.5 exactly
         assert 0 <= record["kept_bottom_half"] <= 1
     assert base["kept_bottom_half"] == 0.5 and results[5]["kept_bottom_half"] == pytest.approx(0.5)

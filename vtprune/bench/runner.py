@@ -138,6 +138,7 @@ def run_bench(
         "intervals": "bootstrap 95% percentile intervals over questions (1000 resamples; retention paired)",
         "families": list(sv.FAMILIES),
         "chance": {f: sv.chance_rate(f) for f in sv.FAMILIES},
+        "families_of_samples": [s.family for s in samples],
         "device": str(next(model.parameters()).device),
         "threads": torch.get_num_threads(),
         "flops_formula": "prefill LLM FLOPs, see vtprune/bench/flops.py (LLaMA 3-matrix MLP, 2 FLOPs per MAC)",
@@ -192,6 +193,10 @@ def readme_table(report: dict[str, Any]) -> str:
     recall = "" if base["grounded_recall"] is None else f"{100 * base['grounded_recall']:.0f}"
     lines.append(f"| unpruned ({base['llm_input_visual_tokens']:.0f} tokens) | {cell(base)} |"
                  + " |" * (len(budgets) - 1) + f" 100 | {recall} | {base['latency_ratio']:.2f} |")
+    chance = chance_accuracy(report)
+    if chance is not None:
+        lines.append(f"| chance (a uniform guess among each question's choices) | {100 * chance:.1f} |"
+                     + " |" * (len(budgets) - 1) + " | | |")
     methods = sorted({r["method"] for r in report["results"] if r["budget"] is not None},
                      key=lambda m: -max(r["accuracy"] for r in report["results"] if r["method"] == m))
     for method in methods:
@@ -205,6 +210,15 @@ def readme_table(report: dict[str, Any]) -> str:
                      + f" | {retention} | {'' if rec is None else f'{100 * rec:.0f}'} | "
                      + (f"{first['latency_ratio']:.2f}" if first else "") + " |")
     return "\n".join(lines)
+
+
+def chance_accuracy(report: dict[str, Any]) -> float | None:
+    """Expected accuracy of guessing: each question's family chance rate, averaged over the questions."""
+    families = report.get("families_of_samples")
+    chance = report.get("chance")
+    if not families or not chance:
+        return None
+    return float(np.mean([chance[f] for f in families]))
 
 
 def update_readme(report: dict[str, Any], path: Path) -> None:
