@@ -69,6 +69,11 @@ def _per_image(values: torch.Tensor, weight: torch.Tensor, image: torch.Tensor, 
     return out.scatter_add(1, image.clamp_min(-1) % (images + 1), values * weight)[:, :images]
 
 
+def _soft_weight(ctx: LayerContext) -> torch.Tensor:
+    """Each token's soft keep weight from earlier training-mode stages [B, n] (all 1 in inference mode)."""
+    return torch.ones_like(ctx.valid, dtype=torch.float32) if ctx.weight is None else ctx.weight.float()
+
+
 class _ATPStage(LayerOperator, nn.Module):
     """All of a method's ATP modules (one per boundary); records thresholds and alive counts of the last forward."""
 
@@ -86,7 +91,7 @@ class _ATPStage(LayerOperator, nn.Module):
         rows = order.expand(batch, n)
         key_mask = (order[None, :] <= order[:, None])[None] & ctx.valid[:, None, :]
         probs = ctx.adapter.llm_attention(ctx.layer - 1, hidden, rope, rows, key_mask).mean(1)
-        weight = torch.ones_like(ctx.valid, dtype=torch.float32) if ctx.weight is None else ctx.weight.float()
+        weight = _soft_weight(ctx)
         probs = reweight_keys(probs, weight * ctx.valid)
         self_score, cross_score = redundancy_scores(probs, ctx.visual, ctx.valid, ctx.image, weight)
         alive = ctx.candidate & (weight > 0)
@@ -128,7 +133,7 @@ class _ATPStage(LayerOperator, nn.Module):
         stage = self.layers.index(ctx.layer)
         if stage == 0:
             self.record = {"theta_r": {}, "theta_s": {}, "alive": {}}
-        weight = torch.ones_like(ctx.valid, dtype=torch.float32) if ctx.weight is None else ctx.weight.float()
+        weight = _soft_weight(ctx)
         red, self_score, cross = self.scores(ctx)
         features = self.features(ctx, red, self_score, cross, weight)
         module = self.modules_by_stage[stage]
@@ -164,13 +169,12 @@ class _ATPStage(LayerOperator, nn.Module):
         return total / depth
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """A short digest of the language model's shape and input embeddings (dtype-independent to 3 decimals), so
+def model_fingerprint(language_model: nn.Module) -> str:
+    """A short digest of a language model's shape and input embeddings (dtype-independent to 3 decimals), so
     trained ATP weights are only loaded onto the model they were trained on."""
-    adapter_model = model.model if hasattr(model, "lm_head") else model
-    embed = adapter_model.language_model.get_input_embeddings().weight
+    embed = language_model.get_input_embeddings().weight
     sample = embed[: min(64, embed.shape[0])].detach().float().cpu()
-    parts = [tuple(embed.shape), len(adapter_model.language_model.layers), round(float(sample.std()), 3),
+    parts = [tuple(embed.shape), len(language_model.layers), round(float(sample.std()), 3),
              round(float(sample.abs().mean()), 3)]
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
 
@@ -255,7 +259,7 @@ class ATP(Method):
             if not (folder / CONFIG_NAME).is_file():
                 raise ValueError(f"atp: {folder} holds no {CONFIG_NAME}; pass a folder written by vtprune train-atp")
             return json.loads((folder / CONFIG_NAME).read_text()), folder
-        fingerprint = model_fingerprint(adapter.model)
+        fingerprint = model_fingerprint(adapter.language_model)
         for folder in shipped_atp():
             config = json.loads((folder / CONFIG_NAME).read_text())
             if config.get("base_fingerprint") == fingerprint:

@@ -71,7 +71,7 @@ def train_atp(
     optimiser = torch.optim.AdamW(groups, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / 20))
     curve: list[dict[str, float]] = []
-    extra = {"target": target, "base_fingerprint": model_fingerprint(model), "train_llm": train_llm,
+    extra = {"target": target, "base_fingerprint": model_fingerprint(pruner.adapter.language_model), "train_llm": train_llm,
              "recipe": {"steps": steps, "batch_size": batch_size, "lr": lr, "budget_weight": budget_weight,
                         "compute_weight": compute_weight, "n_train": n_train, "seed": seed}}
     try:
