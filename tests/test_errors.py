@@ -53,7 +53,7 @@ def _untouched(model, ids, mask, ref):
     ("fastv", {"layer": 1.5}, ValueError, "layer=1.5 must be an integer"),
     ("fastv", {"query": "first"}, ValueError, "query='first' must be one of"),
     ("fastv", {"positions": "shifted"}, ValueError, "positions='shifted' must be one of ('original', 'renumber')"),
-    ("fastv", {"separators": "drop"}, ValueError, "separators='drop' must be one of"),
+    ("fastv", {"separators": "none"}, ValueError, "separators='none' must be one of"),
     ("fastv", {"keep": 4, "ratio": 0.5}, ValueError, "either keep= or ratio="),
     ("tome", {"keep": 1}, ValueError,
      "cannot be reached by merging in the 3 ViT blocks before the feature layer; use keep >= 5"),
@@ -93,7 +93,8 @@ def test_methods_needing_cls_or_vit_merging_are_refused_on_qwen(method):
     model = Family("qwen2_vl").model()
     needs = r"\[CLS\] token" if method == "fastervlm" else "merged between vision-tower blocks"
     with pytest.raises(TypeError, match=rf"{method} needs a model where .*{needs}.*Qwen2VLForConditionalGeneration.*"
-                                        r"Methods that run on it: atp, divprune, fastv, feather, pool, pyramiddrop, random, uniform"):
+                                        r"Methods that run on it: atp, divprune, fastv, feather, mustdrop_decode, "
+                                        r"mustdrop_prefill, pool, pyramiddrop, random, uniform"):
         vtprune.apply(model, method)
     assert not any(m._forward_pre_hooks for m in model.modules())
 

@@ -10,9 +10,11 @@ import vtprune
 from vtprune.methods.atp import _ATPStage
 from vtprune.methods.fastv import _FastVDrop
 from vtprune.methods.feather import _FeatherCut
+from vtprune.methods.mustdrop_stages import DualAttentionFilter
 from vtprune.methods.pyramiddrop import _PyramidStage
 from families import FAMILIES, greedy, pairs, picture
 from test_atp import keep_everything_atp
+from test_mustdrop import MUSTDROP_KEEP, check_mustdrop_budget
 
 PROMPTS = [
     ["user:", picture(100, 190, 1), "what", "is", "in", "the", "image", "?", "assistant:"],
@@ -34,6 +36,8 @@ def model_for(family, attn="sdpa", dtype=torch.float32):
 def budget(family, method) -> dict:
     if method == "atp":  # learned counts: the keep-almost-everything initialisation prunes a few tokens
         return {"weights": "untrained"}
+    if method in MUSTDROP_KEEP:  # per view: layer-averaged / entering the LLM / a decode floor (test_mustdrop.py)
+        return {"keep": MUSTDROP_KEEP[method]}
     return {"keep": PER_VIEW.get(method, BUDGET[family.name])}
 
 
@@ -85,9 +89,16 @@ def test_cache_parity(pair, monkeypatch):
     for operator in (_FastVDrop, _PyramidStage, _FeatherCut):  # in-LLM scores read the last token
         monkeypatch.setattr(operator, "scores", _fixed_scores)
     monkeypatch.setattr(_ATPStage, "scores", lambda self, ctx: (_fixed_scores(self, ctx) / 97,) * 3)
+    monkeypatch.setattr(DualAttentionFilter, "scores", lambda self, ctx: (_fixed_scores(self, ctx) / 97,) * 2)
+    params = budget(family, method)
+    if method == "mustdrop_decode":  # decode-time cache policies differ from a recomputation by design
+        pytest.skip("a decode-only stage: its oracle (== the recomputation with its entries masked) is in "
+                    "test_mustdrop.py")
+    if method == "mustdrop":
+        params["decode"] = False  # the same: checked in test_mustdrop.py
     model = model_for(family)
     inputs = family.inputs(PROMPTS)
-    with torch.no_grad(), vtprune.apply(model, method, **budget(family, method)):
+    with torch.no_grad(), vtprune.apply(model, method, **params):
         cached = greedy(model, inputs, steps=5)
         recomputed = greedy(model, inputs, steps=5, use_cache=False)
     assert torch.equal(cached[0], recomputed[0])
@@ -139,7 +150,9 @@ def test_exact_budgets(pair):
             got_all = pruned.stats.tokens_per_image[b][i, last]
             got_content = _content(pruned.stats, b, i)[last]
             views = pruned.stats.tokens_per_partition[b][i][:, last]
-            if method == "pyramiddrop":  # keep = the image's tokens averaged over layers (within 0.5 here)
+            if method in MUSTDROP_KEEP:
+                check_mustdrop_budget(method, keep, full.stats, pruned.stats, b, i, depth)
+            elif method == "pyramiddrop":  # keep = the image's tokens averaged over layers (within 0.5 here)
                 profile = pruned.stats.tokens_per_image[b][i].double()
                 assert abs(float(profile.mean()) - min(keep, int(have_all))) <= 0.5
                 assert bool((profile[1:] <= profile[:-1]).all())
@@ -149,6 +162,8 @@ def test_exact_budgets(pair):
                 assert bool((views <= keep).all())
                 if family.name == "llava":
                     assert got_all == keep
+            elif method == "hired":  # floored shares (the paper): at most keep, less than a token per view short
+                assert min(keep, int(have_content)) - len(views) < got_content <= min(keep, int(have_content))
             elif separators == "candidates":
                 assert got_all == min(keep, int(have_all))
             else:

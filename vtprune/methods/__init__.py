@@ -15,6 +15,8 @@ from vtprune.methods.divprune import DivPrune
 from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
 from vtprune.methods.feather import Feather
+from vtprune.methods.hired import HiRED
+from vtprune.methods.mustdrop import MustDrop, MustDropDecode, MustDropPrefill, MustDropVision
 from vtprune.methods.pyramiddrop import PyramidDrop
 from vtprune.methods.selection import GridPool, RandomKeep, UniformKeep
 from vtprune.methods.tome import ToMe
@@ -27,7 +29,12 @@ __all__ = [
     "Feather",
     "FasterVLM",
     "GridPool",
+    "HiRED",
     "Method",
+    "MustDrop",
+    "MustDropDecode",
+    "MustDropPrefill",
+    "MustDropVision",
     "Param",
     "PyramidDrop",
     "RandomKeep",

@@ -87,8 +87,9 @@ COMMON_PARAMS = (
           "'renumber' (contiguous, as LLaVA's own pipeline feeds a shortened prompt); None: the method's default "
           "('original' on 3-D M-RoPE models)", str, ("original", "renumber")),
     Param("separators", None, "LLaVA-NeXT's newline tokens: 'candidates' (ranked like any visual token), 'keep' "
-          "(always kept, outside the budget) or 'rows' (kept while a token of their row survives, outside the "
-          "budget); None: the method's default", str, ("candidates", "keep", "rows")),
+          "(always kept, outside the budget), 'rows' (kept while a token of their row survives, outside the "
+          "budget) or 'drop' (gone from an image once any of its tokens is dropped; an image kept whole keeps them); "
+          "None: the method's default", str, ("candidates", "keep", "rows", "drop")),
 )
 
 
@@ -158,9 +159,11 @@ class Method:
         missing = sorted(self.requires - adapter.capabilities)
         if missing:
             needs = "; ".join(CAPABILITIES[m] for m in missing)
+            families = ", ".join(self.describe()["families"])
             raise TypeError(
                 f"{self.name} needs a model where {needs}, which is not the case for {type(adapter.model).__name__} "
-                f"({adapter.family}). Methods that run on it: {', '.join(supported_methods(type(adapter)))}"
+                f"({adapter.family}); {self.name} runs on: {families}. Methods that run on it: "
+                f"{', '.join(supported_methods(type(adapter)))}"
             )
 
     def resolve_positions(self, adapter: Adapter) -> str:

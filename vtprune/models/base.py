@@ -40,7 +40,10 @@ class ImageRecord:
     ``carrier`` [N, D]: what the model scatters into the image's N placeholders (the projected features in layout
     order; after an in-ViT merge, each placeholder gets the features of the token it was merged into). ``merged``:
     the tokens an in-ViT merge left (features [k, D], sources over the layout), else None. ``pixels``: the image's
-    pixel values (random methods seed on them).
+    pixel values (random methods seed on them). ``view_owner`` [views, T]: after an in-ViT merge, the token each
+    patch of each view ended up in at the feature block (its index among the view's tokens, [CLS] excluded; the
+    trace's merged hidden states carry [CLS] first), so vision attention rows of a merged sequence can be read per
+    token; a token no patch ended up in is padding. None when nothing merged.
     """
 
     layout: ImageLayout
@@ -48,6 +51,7 @@ class ImageRecord:
     pixels: torch.Tensor
     trace: VisionTrace | None = None
     merged: tuple[torch.Tensor, Sources] | None = None
+    view_owner: torch.Tensor | None = None
 
 
 @dataclass
@@ -223,6 +227,6 @@ def records_from_views(
             sources = Sources.from_assignment(flat_owner, count * per_view).remap(to_layout)
             alive = sources.total() > 0  # tokens made only of patches the layout drops (unpadding) are gone
             merged = (tokens[alive], sources.select(alive.nonzero().flatten()))
-            records.append(ImageRecord(layout, carrier, image_pixels, trace, merged))
+            records.append(ImageRecord(layout, carrier, image_pixels, trace, merged, patch_owner))
         start += count
     return records

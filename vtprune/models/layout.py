@@ -33,6 +33,9 @@ class ImageLayout:
       place in it; a separator has the grid and row it closes and ``col`` -1 (``row`` -1: it closes the whole grid);
     - ``vision_index``: which of the image's vision-tower output tokens (views concatenated, [CLS] excluded) it is;
       -1 for separators.
+
+    ``crop_grid``: (rows, cols) of the crop views when partitions 1..rows*cols tile one canvas in row-major order
+    (LLaVA-NeXT's anyres sub-images; a crop unpadding removed entirely still counts); None without crops.
     """
 
     kind: torch.Tensor
@@ -43,6 +46,7 @@ class ImageLayout:
     vision_index: torch.Tensor
     grid_shapes: tuple[tuple[int, int], ...]
     num_vision_tokens: int
+    crop_grid: tuple[int, int] | None = None
     _raster: dict = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -94,4 +98,5 @@ class ImageLayout:
             return self
         moved = {name: getattr(self, name).to(device)
                  for name in ("kind", "partition", "grid", "row", "col", "vision_index")}
-        return ImageLayout(**moved, grid_shapes=self.grid_shapes, num_vision_tokens=self.num_vision_tokens)
+        return ImageLayout(**moved, grid_shapes=self.grid_shapes, num_vision_tokens=self.num_vision_tokens,
+                           crop_grid=self.crop_grid)

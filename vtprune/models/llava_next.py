@@ -43,8 +43,8 @@ class LlavaNextAdapter(LlavaAdapter):
         separator = vision_index < 0
         crop = (view >= 1) & ~separator
         config = self.model.config
-        _, crop_cols = get_anyres_image_grid_shape(image_size.tolist(), config.image_grid_pinpoints,
-                                                   config.vision_config.image_size)
+        crop_rows, crop_cols = get_anyres_image_grid_shape(image_size.tolist(), config.image_grid_pinpoints,
+                                                           config.vision_config.image_size)
         canvas_row = (view - 1).div(crop_cols, rounding_mode="floor") * side + patch.div(side, rounding_mode="floor")
         canvas_col = (view - 1) % crop_cols * side + patch % side
         row = torch.where(crop, canvas_row, patch.div(side, rounding_mode="floor"))
@@ -64,7 +64,7 @@ class LlavaNextAdapter(LlavaAdapter):
         return ImageLayout(
             kind=kind, partition=torch.where(separator, -1, view), grid=grid, row=row,
             col=torch.where(separator, -1, col), vision_index=vision_index, grid_shapes=tuple(shapes),
-            num_vision_tokens=views * tokens,
+            num_vision_tokens=views * tokens, crop_grid=(int(crop_rows), int(crop_cols)) if views > 1 else None,
         )
 
     def encode(self, method: str, arguments: dict[str, Any], owner: Callable[[int], torch.Tensor | None]

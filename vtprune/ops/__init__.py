@@ -2,6 +2,14 @@
 
 Nothing here knows about a model; adapters compute queries/keys, methods decide which op to call.
 """
+from vtprune.ops.allocation import (
+    base_and_subs,
+    rate_budget,
+    region_index,
+    region_scores,
+    split_by_content,
+    view_budgets,
+)
 from vtprune.ops.attention import apply_rotary, attention_probs, reweight_keys, rotate_half
 from vtprune.ops.diversity import max_min_diversity
 from vtprune.ops.grid import (
@@ -21,15 +29,18 @@ from vtprune.ops.merge import (
 )
 from vtprune.ops.selection import group_topk, random_indices, topk_indices
 from vtprune.ops.sources import Sources
+from vtprune.ops.windows import mean_by_assignment, window_assignment, window_indices, window_similarity
 
 __all__ = [
     "MergePlan",
     "Sources",
     "apply_rotary",
     "attention_probs",
+    "base_and_subs",
     "bipartite_soft_matching",
     "group_topk",
     "max_min_diversity",
+    "mean_by_assignment",
     "merge_destination",
     "merge_sum",
     "merge_weighted_mean",
@@ -37,10 +48,18 @@ __all__ = [
     "pool_grid",
     "pool_grid_shape",
     "random_indices",
+    "rate_budget",
+    "region_index",
+    "region_scores",
     "reweight_keys",
     "rotate_half",
     "sparsest_grid_stride",
     "split_budget",
+    "split_by_content",
     "topk_indices",
     "uniform_grid_indices",
+    "view_budgets",
+    "window_assignment",
+    "window_indices",
+    "window_similarity",
 ]

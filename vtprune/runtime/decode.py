@@ -43,6 +43,7 @@ class CacheState:
         self.length = length
         self.next_row = first_generated
         self.visual_rows = visual_rows  # [B, n0]: the LLM-input rows that are visual
+        self.memory: dict[Any, Any] = {}  # decode operators' scratch space (batch-first tensors follow beams)
         self.step = 0
         self.new_valid: torch.Tensor | None = None
         self.soft = False  # filled under soft (training-mode) masks: no decoding
@@ -67,13 +68,21 @@ class CacheState:
         for track in self.distinct():
             track.rows = track.rows[index]
             track.shift = None if track.shift is None else track.shift[index]
-        self.visual_rows = self.visual_rows[index]
+        self._per_row(lambda x: x[index.to(x.device)])
 
     def repeat(self, repeats: int) -> None:
         for track in self.distinct():
             track.rows = track.rows.repeat_interleave(repeats, dim=0)
             track.shift = None if track.shift is None else track.shift.repeat_interleave(repeats, dim=0)
-        self.visual_rows = self.visual_rows.repeat_interleave(repeats, dim=0)
+        self._per_row(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def _per_row(self, function) -> None:
+        """Apply a batch reordering to the visual rows and to the batch-first tensors in ``memory``."""
+        batch = self.visual_rows.shape[0]
+        self.visual_rows = function(self.visual_rows)
+        for key, value in self.memory.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == batch:
+                self.memory[key] = function(value)
 
     # --- a decode step ------------------------------------------------------------------------------------------
     def begin_step(self, new_valid: torch.Tensor, known_valid: bool, dtype: torch.dtype, implementation: str,

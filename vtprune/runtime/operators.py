@@ -205,19 +205,26 @@ class LayerOperator:
 @dataclass
 class DecodeContext:
     """The KV cache right after prefill. ``rows[l]`` [B, len_l]: for each cache entry of layer l its row in the
-    LLM-input sequence (-1: padding); ``visual[l]`` [B, len_l]: the visual entries."""
+    LLM-input sequence (-1: padding); ``visual[l]`` [B, len_l]: the visual entries. ``tags``: the pre-LLM stage's
+    per-token values over the LLM-input sequence [B, n0] (read them at ``rows``); ``memory``: the cache's scratch
+    space for decode operators (see ``DecodeStepContext``)."""
 
     adapter: Adapter
     cache: object
     rows: list[torch.Tensor]
     visual: list[torch.Tensor]
+    tags: dict[str, torch.Tensor] = field(default_factory=dict)
+    memory: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DecodeStepContext:
     """One decode step at decoder layer ``layer``: the new tokens' layer input ``hidden`` [B, q, D] and ``rope``,
     and the layer's cached ``keys`` [B, H_kv, len, d] (RoPE applied) with their ``rows``/``visual``/``valid``
-    [B, len] flags. ``step`` counts decode steps since prefill (0 = first)."""
+    [B, len] flags. ``step`` counts decode steps since prefill (0 = first). ``memory``: one dict per cache that
+    lives from prefill (``DecodeContext.memory``) to the cache's end, for operators that remember across steps (key
+    it by operator and layer); tensor values whose first dim is the batch follow beam reordering, so index them by
+    LLM-input row (stable under compaction), not by cache slot."""
 
     adapter: Adapter
     layer: int
@@ -228,6 +235,7 @@ class DecodeStepContext:
     rows: torch.Tensor
     visual: torch.Tensor
     valid: torch.Tensor
+    memory: dict[Any, Any] = field(default_factory=dict)
 
     def query_attention(self) -> torch.Tensor:
         """Attention [B, H, q, len] of the step's queries over the cached entries (float32, head by head)."""

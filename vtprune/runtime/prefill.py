@@ -5,8 +5,9 @@ The LLM-input sequence (``Universe``) is fixed for the whole prefill. Every late
 it (``TokenSet.rows``, left-padded, always in sequence order) with the hidden states the tokens have at that layer,
 so dropping is a gather, bringing tokens back is a sorted union, and positions and metadata are always looked up,
 never recomputed. Separator tokens (LLaVA-NeXT's newlines) follow the method's policy:
-``candidates`` (ordinary visual tokens), ``keep`` (always kept, outside the budget) or ``rows`` (kept exactly while a
-token of the grid row they close survives; outside the budget).
+``candidates`` (ordinary visual tokens), ``keep`` (always kept, outside the budget), ``rows`` (kept exactly while a
+token of the grid row they close survives; outside the budget) or ``drop`` (removed from an image as soon as the
+method drops or merges any of its tokens; an image left whole keeps the model's packing).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from vtprune.ops import Sources
 from vtprune.runtime.operators import ImageTokens, PreLLMContext, PreLLMOperator, Reduction, Transition
 from vtprune.runtime.sequence import gather_rows, keep_index, left_pad, renumber
 
-SEPARATOR_POLICIES = ("candidates", "keep", "rows")
+SEPARATOR_POLICIES = ("candidates", "keep", "rows", "drop")
 
 
 @dataclass
@@ -126,6 +127,9 @@ def _finish_image(reduction: Reduction, image: PlacedImage, span: torch.Tensor, 
     features, sources = reduction.features.to(span.dtype), reduction.sources
     order = torch.arange(len(sources), device=span.device)
     separators = layout.separators
+    if policy == "drop" and layout.has_separators:  # an image kept whole keeps its separators, any other loses them
+        covered = sources.coverage(len(layout))[layout.content] > 0
+        separators = separators if len(sources) == len(layout.content) and bool(covered.all()) else separators[:0]
     if layout.has_separators and policy != "candidates":
         if policy == "rows":  # a separator stays while a token of the row it closes (row -1: of its grid) does
             rows, grids = sources.mean(layout.row).round().long(), sources.mean(layout.grid).round().long()
@@ -322,6 +326,15 @@ def apply_transition(prefill: Prefill, change: Transition, policy: str, renumber
         alive[:, -1] = False
         group = tokens.lookup(universe.group).clamp_min(0)
         keep = torch.where(separator, alive.gather(1, group), keep)
+    if policy == "drop" and change.keep is not None and bool(separator.any()):
+        # an image that loses a token here loses its separators with it
+        image = tokens.lookup(universe.image)
+        slots = int(universe.image.max()) + 2
+        lost = torch.zeros(keep.shape[0], slots, dtype=torch.bool, device=keep.device)
+        lost.scatter_(1, image.masked_fill(~(candidate & valid & ~keep), slots - 1).clamp_min(0),
+                      torch.ones_like(keep))
+        lost[:, -1] = False
+        keep = torch.where(separator, ~lost.gather(1, image.clamp_min(0)), keep)
     destination = tokens.rows.masked_fill(~keep, -1)  # universe row each current token ends up in
     if change.merge_into is not None:
         target = change.merge_into.clamp_min(0)

@@ -488,7 +488,7 @@ class Pruner:
         adopt(cache, state)
         if self.decode_ops:
             ctx = DecodeContext(self.adapter, cache, [t.rows for t in per_layer],
-                                [state.visual(t.rows) for t in per_layer])
+                                [state.visual(t.rows) for t in per_layer], prefill.universe.tags, state.memory)
             with torch.no_grad():
                 for op in self.decode_ops:
                     for index, keep in op.trim(ctx).items():
@@ -506,7 +506,7 @@ class Pruner:
             for op in ops:
                 rows = track.rows[:, :past]
                 ctx = DecodeStepContext(self.adapter, index, state.step, hidden, rope, layer_cache.keys, rows,
-                                        state.visual(rows), rows >= 0)
+                                        state.visual(rows), rows >= 0, state.memory)
                 with torch.no_grad():
                     evict = op.step(ctx)
                 if evict is not None:
