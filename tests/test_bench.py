@@ -120,3 +120,53 @@ def test_show_writes_overlay(method, tmp_path):
     dimmed = overlay.mean() < original.mean() * 0.9  # fastv: 512 of 576 patches dimmed
     outlined = (overlay == [255, 255, 0]).all(-1).sum() > 100  # tome: merged groups outlined in yellow
     assert dimmed if method == "fastv" else outlined
+
+
+def test_budgets_as_counts_and_shares():
+    from vtprune.bench.runner import budget_label, configs
+    from vtprune.cli import _budget
+
+    assert _budget("64") == 64 and _budget("20%") == pytest.approx(0.2) and _budget("0.4") == pytest.approx(0.4)
+    for bad in ("0%", "1.5", "abc"):
+        with pytest.raises(Exception, match="count|share"):
+            _budget(bad)
+    rows = configs(["hired"], [64, 0.2])
+    assert [c.params for c in rows[1:]] == [{"keep": 64}, {"ratio": 0.2}]
+    assert [c.label for c in rows] == ["unpruned", "hired@64", "hired@20%"] and budget_label(0.1) == "10%"
+    (variant,) = configs(["hired:allocation_map=reference_bands,alpha=0.7"], [0.2])[1:]
+    assert variant.name == "hired" and variant.params == {"allocation_map": "reference_bands", "alpha": 0.7,
+                                                          "ratio": 0.2}
+    with pytest.raises(ValueError, match="allocation_map"):
+        configs(["hired:allocation_map=diagonal"], [64])
+    with pytest.raises(ValueError, match="key=value"):
+        configs(["hired:alpha"], [64])
+
+
+def test_decode_measurement_counts_live_cache_entries():
+    """Unpruned: every layer holds prompt + generated entries; FastV at layer K holds keep of the 576 visual entries
+    in layers >= K (what the runtime's tracks say equals the arithmetic)."""
+    import contextlib
+
+    import vtprune
+    from vtprune.bench.decode import measure_decode
+    from vtprune.bench.evaluate import make_batches, prompt_builder
+
+    torch.manual_seed(0)
+    config = reference.build_config(vision_hidden=32, vision_layers=2, text_hidden=64, text_layers=4,
+                                    text_intermediate=128)
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = reference.build_processor()
+    raw = make_batches(processor, synthvqa.load_split("test", 1), 1, prompt_builder(processor))[0]
+    prompt = raw["input_ids"].shape[1]
+    base = measure_decode(model, raw, contextlib.nullcontext, 5)
+    assert base["decode_live_entries_final"] == 4 * (prompt + 5)
+    pruned = measure_decode(model, raw, lambda: vtprune.apply(model, "fastv", keep=64, layer=2), 5)
+    assert pruned["decode_live_entries_final"] == 2 * (prompt + 5) + 2 * (prompt - 576 + 64 + 5)
+    assert pruned["decode_kv_mb_final"] < base["decode_kv_mb_final"]
+
+
+def test_tokens_entering_the_llm_are_reported_by_view(report):
+    by_label = {f"{r['method']}@{r['budget']}": r for r in report["results"]}
+    assert by_label["unpruned@None"]["llm_input_tokens_by_view"] == {"base": 576, "crops": 0, "separators": 0}
+    assert by_label["pool@64"]["llm_input_tokens_by_view"] == {"base": 64, "crops": 0, "separators": 0}
+    assert by_label["fastv@64"]["llm_input_tokens_by_view"]["base"] == 576  # FastV drops inside the LLM

@@ -13,38 +13,68 @@ DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes; torch is i
 
 
 def _load(model_path: str | None, device: str, dtype: str = "float32"):
-    """The model and processor to measure: ``model_path`` (any supported family), else the shipped MiniLLaVA."""
+    """The model and processor to measure: a shipped reference model by name (``mini-llava``, ``mini-llava-next``),
+    a local path (any supported family), else the shipped MiniLLaVA."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from vtprune import reference
 
     try:
-        path = model_path or str(reference.path())
+        path = str(reference.path(model_path or "mini-llava")) if model_path in (None, *reference.MODELS) \
+            else model_path
     except FileNotFoundError as error:
         raise SystemExit(f"{error}, or pass --model") from None
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     return model, AutoProcessor.from_pretrained(path)
 
 
+def _resolution(requested: str, processor) -> str:
+    """SynthVQA's variant for a model: ``auto`` picks the high-resolution scenes for anyres (LLaVA-NeXT) processors."""
+    if requested != "auto":
+        return requested
+    return "high" if getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None) else "base"
+
+
+def _budget(text: str) -> int | float:
+    """A --budgets entry: ``64`` (keep= a count) or ``20%`` / ``0.2`` (ratio= a share)."""
+    try:
+        if text.endswith("%"):
+            value = float(text[:-1]) / 100
+        elif "." in text:
+            value = float(text)
+        else:
+            return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count (64) or a share (20% or 0.2)") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a share must lie in (0, 1], e.g. 20% or 0.2")
+    return value
+
+
 def _bench(args: argparse.Namespace) -> None:
     from vtprune.bench import synthvqa as sv
     from vtprune.bench.plots import plot_report
-    from vtprune.bench.runner import DEFAULT_BUDGETS, format_table, run_bench, save_report
+    from vtprune.bench.runner import DEFAULT_BUDGETS, format_decode_table, format_table, run_bench, save_report
     from vtprune.methods import REGISTRY
 
     model, processor = _load(args.model, args.device, args.dtype)
     methods = args.methods or sorted(REGISTRY)
-    samples = sv.load_split("test", args.samples)
+    resolution = _resolution(args.resolution, processor)
+    samples = sv.load_split("test", args.samples, resolution=resolution)
     start = time.perf_counter()
     report = run_bench(model, processor, samples, methods, args.budgets or DEFAULT_BUDGETS, batch_size=args.batch_size,
-                       scoring=args.scoring)
+                       scoring=args.scoring, resolution=resolution, decode_tokens=args.decode_tokens)
     report["dtype"] = args.dtype
-    report["model"] = args.model or "shipped MiniLLaVA (vtprune/reference/mini-llava)"
+    report["resolution"] = resolution
+    report["model"] = (f"shipped {args.model or 'mini-llava'} (MiniLLaVA{'-NeXT' if args.model == 'mini-llava-next' else ''})"
+                       if args.model in (None, "mini-llava", "mini-llava-next") else args.model)
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
     path = save_report(report, out)
     print(format_table(report))
+    if args.decode_tokens:
+        print("\n" + format_decode_table(report))
     print(f"\n{len(samples)} test questions, {report['wall_seconds']} s; JSON: {path}")
     if args.readme:
         from vtprune.bench.runner import update_readme
@@ -57,13 +87,14 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _show(args: argparse.Namespace) -> None:
-    from vtprune import reference
+    from vtprune.bench import synthvqa as sv
     from vtprune.bench.evaluate import prompt_builder
     from vtprune.bench.show import show
 
     model, processor = _load(args.model, args.device)
     params = {"keep": args.keep} if args.keep else {}
-    print(show(model, processor, reference.sample(args.sample), args.method, Path(args.out),
+    sample = sv.load_split("test", args.sample + 1, resolution=_resolution("auto", processor))[args.sample]
+    print(show(model, processor, sample, args.method, Path(args.out),
                prompt_builder(processor), **params))
 
 
@@ -83,9 +114,17 @@ def _methods(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    if args.model == "mini-llava-next":
+        from vtprune import reference
+        from vtprune.reference.train_next import train_next_reference
+
+        metrics = train_next_reference(args.output or "runs/mini-llava-next", base=args.base or reference.path(),
+                                       device=args.device, overwrite=args.overwrite)
+        print(json.dumps(metrics, indent=1))
+        return
     from vtprune.reference.train import train_reference
 
-    metrics = train_reference(args.output, device=args.device, vision_from=args.vision_from,
+    metrics = train_reference(args.output or "runs/mini-llava", device=args.device, vision_from=args.vision_from,
                               overwrite=args.overwrite)
     print(json.dumps(metrics, indent=1))
 
@@ -121,17 +160,24 @@ def main(argv: list[str] | None = None) -> None:
     defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
     bench = commands.add_parser("bench", **defaults, help="methods x budgets on SynthVQA: accuracy, FLOPs, latency, plots")
-    bench.add_argument("--model", help="local path or hub id (default: the shipped MiniLLaVA)")
+    bench.add_argument("--model", help="a shipped reference model (mini-llava, mini-llava-next), a local path or a hub "
+                                       "id (default: mini-llava)")
     bench.add_argument("--methods", nargs="+", help="registered method names (default: all)")
-    bench.add_argument("--budgets", nargs="+", type=int,
-                       help="visual tokens kept, in each method's convention (default: 64 128 144 192; 144 = 25%% "
-                       "of 576, ATP's target)")
+    bench.add_argument("--budgets", nargs="+", type=_budget,
+                       help="budgets in each method's convention: counts (keep=, e.g. 64) or shares (ratio=, e.g. "
+                       "20%% or 0.2) (default: 64 128 144 192; 144 = 25%% of 576, ATP's target)")
+    bench.add_argument("--resolution", default="auto", choices=["auto", "base", "high"],
+                       help="SynthVQA variant: 336-px scenes, or high-resolution ones (auto: high for LLaVA-NeXT "
+                       "processors)")
     bench.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="test questions (balanced families)")
     bench.add_argument("--batch-size", type=int, default=16)
     bench.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     bench.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights' dtype")
     bench.add_argument("--scoring", default="likelihood", choices=["likelihood", "generate"],
                        help="closed-choice answer likelihood, or greedy generation matched against the answer")
+    bench.add_argument("--decode-tokens", type=int, default=0,
+                       help="also measure KV-cache memory and throughput over this many generated tokens (decode "
+                       "policies; 0: off)")
     bench.add_argument("--out", default="runs/bench", help="folder for bench.json and the plots")
     bench.add_argument("--no-plots", action="store_true")
     bench.add_argument("--readme", help="also write the results table into this README (between its bench-results "
@@ -142,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     show.add_argument("--method", required=True)
     show.add_argument("--keep", type=int)
     show.add_argument("--sample", type=int, default=0, help="index into the test split")
-    show.add_argument("--model")
+    show.add_argument("--model", help="a shipped reference model name or a local path (default: mini-llava)")
     show.add_argument("--device", default="cpu")
     show.add_argument("--out", default="runs/show.png")
     show.set_defaults(run=_show)
@@ -151,8 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     listing.add_argument("--markdown", action="store_true", help="the method x model-family support table")
     listing.set_defaults(run=_methods)
 
-    train = commands.add_parser("train-reference", **defaults, help="retrain MiniLLaVA from scratch (the shipped recipe)")
-    train.add_argument("--output", default="runs/mini-llava", help="folder for the new checkpoint")
+    train = commands.add_parser("train-reference", **defaults,
+                                help="retrain a shipped reference model (its recipe; MiniLLaVA from scratch)")
+    train.add_argument("--model", default="mini-llava", choices=["mini-llava", "mini-llava-next"])
+    train.add_argument("--output", help="folder for the new checkpoint (default: runs/<model>)")
+    train.add_argument("--base", help="mini-llava-next: the MiniLLaVA checkpoint it starts from (default: the shipped "
+                                      "one)")
     train.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --output")
     train.add_argument("--device", default="cpu")
     train.add_argument("--vision-from", help="reuse stage (a)'s vision tower from this earlier checkpoint of the recipe")

@@ -205,7 +205,7 @@ def evaluate(
     layers = model.config.text_config.num_hidden_layers
     image_token = model.config.image_token_id
     choice_ids: dict[tuple[str, str], list[int]] = {}
-    correct, predictions, recall, flops, per_layer, heat = [], [], [], [], [], []
+    correct, predictions, recall, flops, per_layer, heat, by_view = [], [], [], [], [], [], []
     was_training = model.training
     model.eval()
     offset = 0
@@ -251,10 +251,16 @@ def evaluate(
                     layout = layouts[b]
                     visual = np.full(layers, len(layout), dtype=np.float64)
                     share = torch.ones(len(layout))
+                    partition = layout.partition
+                    entering = torch.bincount(partition[partition >= 0], minlength=layout.num_partitions)
+                    separators = int((partition < 0).sum())
                 else:
                     layout = stats.layouts(b)[0]
                     visual = stats.visual_tokens[b].numpy().astype(np.float64)
                     share = stats.kept_share(b)[:len(layout)]
+                    entering = stats.tokens_per_partition[b][0][:, 0]
+                    separators = int(visual[0] - entering.sum())
+                by_view.append((float(entering[0]), float(entering[1:].sum()), separators))
                 base, hit = _grid_maps(layout, share, sample.relevant_patches)
                 heat.append(base)
                 per_layer.append(visual)
@@ -284,6 +290,9 @@ def evaluate(
             "visual_tokens_per_layer_spread": np.percentile(per_layer, [10, 50, 90], axis=0).T.round(1).tolist(),
             "mean_visual_tokens_per_sample": np.mean(per_layer, axis=1).round(2).tolist(),
             "llm_input_visual_tokens": float(profile[0]),
+            # the first image's tokens entering the LLM by view: base (or only) view, crops, newline separators
+            "llm_input_tokens_by_view": dict(zip(("base", "crops", "separators"),
+                                                 np.mean(by_view, axis=0).round(2).tolist())),
             "mean_visual_tokens": float(profile.mean()),
             "prefill_tflops": float(np.mean(flops)) / 1e12,
             "keep_frequency": None if frequency is None else frequency.round(4).tolist(),

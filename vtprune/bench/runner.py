@@ -22,6 +22,7 @@ from tqdm import tqdm
 import vtprune
 from vtprune.bench import synthvqa as sv
 from vtprune.bench.evaluate import encode_batch, evaluate, make_batches, prompt_builder, to_model
+from vtprune.bench.decode import measure_decode
 from vtprune.bench.intervals import bootstrap_interval
 from vtprune.bench.memory import PeakMemory
 from vtprune.methods import get_method
@@ -32,22 +33,60 @@ DEFAULT_BUDGETS = (64, 128, 144, 192)
 
 @dataclass
 class Config:
-    method: str | None  # None = unpruned
-    budget: int | None
+    method: str | None  # None = unpruned; a registered name, or a variant "name:key=value,..."
+    budget: int | float | None  # an int: keep=; a float in (0, 1]: ratio=
     params: dict[str, Any]
 
     @property
+    def name(self) -> str | None:
+        """The registered method."""
+        return None if self.method is None else method_spec(self.method)[0]
+
+    @property
     def label(self) -> str:
-        return "unpruned" if self.method is None else f"{self.method}@{self.budget}"
+        return "unpruned" if self.method is None else f"{self.method}@{budget_label(self.budget)}"
 
     def pruner(self, model):
         if self.method is None:
             return contextlib.nullcontext()
-        return vtprune.apply(model, self.method, **self.params)
+        return vtprune.apply(model, self.name, **self.params)
 
 
-def configs(methods: Sequence[str], budgets: Sequence[int]) -> list[Config]:
-    return [Config(None, None, {})] + [Config(m, b, {"keep": b}) for m in methods for b in budgets]
+def budget_label(budget: int | float | None) -> str:
+    """64 -> "64" (a count), 0.2 -> "20%" (a share, in the method's own ratio convention)."""
+    if budget is None:
+        return ""
+    return f"{100 * budget:g}%" if isinstance(budget, float) else str(budget)
+
+
+def method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"hired:allocation_map=reference_bands,alpha=0.7"`` -> ("hired", {...}): a method with non-default
+    parameters (values read as int, float, true/false or text); checked against the registry."""
+    name, _, rest = spec.partition(":")
+    get_method(name)
+    params: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"{spec!r}: write parameters as name:key=value,key=value")
+        value: Any = {"true": True, "false": False}.get(text.lower(), text)
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                pass
+        params[key] = value
+    get_method(name)(**params)  # a bad parameter fails here, before anything runs
+    return name, params
+
+
+def configs(methods: Sequence[str], budgets: Sequence[int | float]) -> list[Config]:
+    """The unpruned model, then every method (or variant, see ``method_spec``) at every budget: an int is ``keep=``,
+    a float ``ratio=``."""
+    return [Config(None, None, {})] + [
+        Config(m, b, {**method_spec(m)[1], **({"ratio": b} if isinstance(b, float) else {"keep": b})})
+        for m in methods for b in budgets]
 
 
 def encode_batches(model, batches) -> dict[int, Any]:
@@ -88,23 +127,28 @@ def run_bench(
     processor,
     samples: Sequence[sv.Sample],
     methods: Sequence[str],
-    budgets: Sequence[int] = DEFAULT_BUDGETS,
+    budgets: Sequence[int | float] = DEFAULT_BUDGETS,
     prompt=None,
     scoring: str = "likelihood",
     batch_size: int = 16,
     speed_samples: int = 2,
     speed_repeats: int = 5,
     progress: bool = True,
+    resolution: str = "base",
+    decode_tokens: int = 0,
 ) -> dict[str, Any]:
-    """Run every (method, budget) and the unpruned model; returns the JSON-ready report."""
+    """Run every (method, budget) and the unpruned model; returns the JSON-ready report. ``resolution``: the
+    SynthVQA variant ``samples`` come from (for the chance rates). ``decode_tokens`` > 0 also measures KV memory and
+    throughput over that many generated tokens (``bench/decode.py``) on the speed batch."""
     prompt = prompt or prompt_builder(processor)
     model.eval()
     batches = make_batches(processor, samples, batch_size, prompt)
     speed_inputs = to_model(model, make_batches(processor, samples[:speed_samples], speed_samples, prompt)[0])
     vision_cache = encode_batches(model, batches)
     results = []
-    todo, skipped = configs([m for m in methods if not get_method(m).learned_budget], budgets), {}
-    for name in (m for m in methods if get_method(m).learned_budget):
+    learned = {m for m in methods if get_method(method_spec(m)[0]).learned_budget}
+    todo, skipped = configs([m for m in methods if m not in learned], budgets), {}
+    for name in (m for m in methods if m in learned):
         try:  # a learned budget: one configuration, at the target its weights were trained for
             resolved = get_method(name)().resolved(adapter_for(model))
         except ValueError as error:
@@ -118,11 +162,13 @@ def run_bench(
         bar.set_postfix_str(config.label)
         record = {"method": config.method or "unpruned", "budget": config.budget, "params": config.params}
         if config.method is not None:
-            record["budget_convention"] = get_method(config.method).budget_convention
-            record["resolved"] = get_method(config.method)(**config.params).resolved(adapter_for(model))
-        record.update(evaluate(model, processor, samples, method=config.method, params=config.params,
+            record["budget_convention"] = get_method(config.name).budget_convention
+            record["resolved"] = get_method(config.name)(**config.params).resolved(adapter_for(model))
+        record.update(evaluate(model, processor, samples, method=config.name, params=config.params,
                                scoring=scoring, prompt=prompt, batches=batches, vision_cache=vision_cache))
         record.update(measure_speed(model, config, speed_inputs, speed_repeats))
+        if decode_tokens:
+            record.update(measure_decode(model, speed_inputs, lambda: config.pruner(model), decode_tokens))
         results.append(record)
     base = results[0]
     for record in results:
@@ -132,12 +178,15 @@ def run_bench(
             np.array([record["correct"], base["correct"]]),
             lambda x: x[0].mean(-1) / np.where(x[1].mean(-1) > 0, x[1].mean(-1), np.nan))
         record["flops_ratio"] = record["prefill_tflops"] / base["prefill_tflops"]
+        if decode_tokens:
+            record["decode_kv_ratio"] = record["decode_kv_mb_mean"] / base["decode_kv_mb_mean"]
+            record["decode_speed_ratio"] = record["decode_tokens_per_s"] / base["decode_tokens_per_s"]
     return {
         "samples": len(samples),
         "scoring": scoring,
         "intervals": "bootstrap 95% percentile intervals over questions (1000 resamples; retention paired)",
         "families": list(sv.FAMILIES),
-        "chance": {f: sv.chance_rate(f) for f in sv.FAMILIES},
+        "chance": {f: sv.chance_rate(f, resolution) for f in sv.FAMILIES},
         "families_of_samples": [s.family for s in samples],
         "device": str(next(model.parameters()).device),
         "threads": torch.get_num_threads(),
@@ -157,7 +206,7 @@ def format_table(report: dict[str, Any]) -> str:
             + f"{'recall':>7}{'bot%':>6}{'tok/L0':>7}{'tok/avg':>8}{'FLOPs':>7}{'lat':>6}{'KV MB':>7}")
     lines = [head, "-" * len(head)]
     for r in report["results"]:
-        label = "unpruned" if r["budget"] is None else f"{r['method']}@{r['budget']}"
+        label = "unpruned" if r["budget"] is None else f"{r['method']}@{budget_label(r['budget'])}"
         recall = r["grounded_recall"]
         bottom = r.get("kept_bottom_half")
         lines.append(
@@ -168,6 +217,21 @@ def format_table(report: dict[str, Any]) -> str:
             + f"{(bottom if bottom is not None else float('nan'))*100:6.0f}{r['llm_input_visual_tokens']:7.0f}"
             + f"{r['mean_visual_tokens']:8.1f}{r['flops_ratio']:7.2f}{r['latency_ratio']:6.2f}{r['kv_cache_mb']:7.2f}"
         )
+    return "\n".join(lines)
+
+
+def format_decode_table(report: dict[str, Any]) -> str:
+    """Decode-time KV cache and throughput per configuration (when the bench measured them)."""
+    rows = [r for r in report["results"] if "decode_kv_mb_mean" in r]
+    if not rows:
+        return ""
+    head = (f"{'config':<24}{'KV MB mean':>11}{'final':>8}{'x unpr.':>8}{'live/row':>9}{'tok/s':>8}{'x unpr.':>8}")
+    lines = [f"decode: {rows[0]['decode_tokens']} generated tokens per prompt", head, "-" * len(head)]
+    for r in rows:
+        label = "unpruned" if r["budget"] is None else f"{r['method']}@{budget_label(r['budget'])}"
+        lines.append(f"{label:<24}{r['decode_kv_mb_mean']:11.2f}{r['decode_kv_mb_final']:8.2f}"
+                     f"{r.get('decode_kv_ratio', 1.0):8.2f}{r['decode_live_entries_mean']:9.0f}"
+                     f"{r['decode_tokens_per_s']:8.1f}{r.get('decode_speed_ratio', 1.0):8.2f}")
     return "\n".join(lines)
 
 
@@ -187,8 +251,8 @@ def readme_table(report: dict[str, Any]) -> str:
         ci = r.get("accuracy_ci")
         return f"{100 * r['accuracy']:.1f}" + (f" ({100 * ci[0]:.0f}-{100 * ci[1]:.0f})" if ci else "")
 
-    head = ("| method | " + " | ".join(f"acc @{b}" for b in budgets)
-            + f" | retention @{low} | recall @{low} | latency @{low} |")
+    head = ("| method | " + " | ".join(f"acc @{budget_label(b)}" for b in budgets)
+            + f" | retention @{budget_label(low)} | recall @{budget_label(low)} | latency @{budget_label(low)} |")
     lines = [head, "|" + "---|" * (len(budgets) + 4)]
     recall = "" if base["grounded_recall"] is None else f"{100 * base['grounded_recall']:.0f}"
     lines.append(f"| unpruned ({base['llm_input_visual_tokens']:.0f} tokens) | {cell(base)} |"

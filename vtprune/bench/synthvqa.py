@@ -12,6 +12,12 @@ centroid.  Object centres are drawn uniformly over the 9 cells of a 3x3 split.
 Nothing is downloaded; the same seed always gives a pixel-identical image.
 Scene seeds per split are disjoint: train 0.., val 1_000_000.., test 2_000_000..
 
+High-resolution variant (``load_split(..., resolution="high")``, for LLaVA-NeXT-style models): canvases of 672x336,
+336x672 or 672x672 (anyres grids 1x2, 2x1, 2x2 of 336-px crops), seeds 10_000_000.. / 11_000_000.. /
+12_000_000..; objects keep their pixel sizes (so in the whole-image view, downscaled to 336 px, they and their
+glyphs shrink to half size or less), the largest canvas holds 4-10 objects, regions and spatial thresholds follow the
+canvas, and patch masks are [height / 14, width / 14].
+
 Ground truth per object: shape, colour, size, label, box, a bool [336, 336]
 pixel mask and a bool [24, 24] patch mask.  A patch counts as covered when at
 least ``COVERAGE_THRESHOLD`` = 15% of its 196 pixels belong to the object.
@@ -82,8 +88,21 @@ OBJECT_GAP = 6       # min free pixels between object boxes
 SPATIAL_MIN_PX = 40  # spatial: min centre offset along the dominant axis
 _CHANCE = {"attribute": 0.11, "existence": 0.5, "counting": 0.31,
            "spatial": 0.25, "localisation": 1 / 9, "reading": 1 / 16}
+# measured on 4000 high-resolution test scenes like _CHANCE: only counting's majority share differs (0 in 29%)
+_CHANCE_HIGH = {**_CHANCE, "counting": 0.29}
 
-_YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
+#: canvases of the high-resolution variant (width, height): LLaVA-NeXT grids 1x2, 2x1 and 2x2 of 336-px crops
+HIGH_RES_SIZES: tuple[tuple[int, int], ...] = ((672, 336), (336, 672), (672, 672))
+#: scene seeds of the high-resolution splits (disjoint from the 336-px ones)
+HIGH_RES_SEED_BASE = {"train": 10_000_000, "val": 11_000_000, "test": 12_000_000}
+RESOLUTIONS = ("base", "high")
+
+
+@lru_cache(maxsize=8)
+def _coords(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (y, x), each [height, width]."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    return yy, xx
 
 
 @dataclass
@@ -93,12 +112,14 @@ class SceneObject:
     size: str
     label: str | None
     box: tuple[int, int, int, int]
-    mask: np.ndarray  # bool [336, 336]
+    mask: np.ndarray  # bool [height, width] of the canvas
     label_mask: np.ndarray | None = field(default=None, repr=False)  # glyph pixels, subset of mask
     _centre: tuple[float, float] | None = field(default=None, init=False, repr=False, compare=False)
 
     def patch_mask(self) -> np.ndarray:
-        cover = self.mask.reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).mean(axis=(1, 3))
+        """bool [height / 14, width / 14]: the patches the object covers."""
+        rows, cols = self.mask.shape[0] // PATCH_SIZE, self.mask.shape[1] // PATCH_SIZE
+        cover = self.mask.reshape(rows, PATCH_SIZE, cols, PATCH_SIZE).mean(axis=(1, 3))
         return cover >= COVERAGE_THRESHOLD
 
     def centroid(self) -> tuple[float, float]:
@@ -115,6 +136,11 @@ class Scene:
     image: Image.Image
     objects: list[SceneObject]
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.image.size
+
 
 @dataclass
 class Sample:
@@ -124,18 +150,20 @@ class Sample:
     answer: str
     family: str
     choices: tuple[str, ...]
-    relevant_patches: np.ndarray  # bool [24, 24]
+    relevant_patches: np.ndarray  # bool [height / 14, width / 14] (24 x 24 for a 336-px scene)
 
 
-def region_of(x: float, y: float) -> str:
-    col = min(int(x // CELL), 2)
-    row = min(int(y // CELL), 2)
+def region_of(x: float, y: float, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> str:
+    """The cell of a 3x3 split of a ``size`` = (width, height) canvas that holds (x, y)."""
+    col = min(int(x // (size[0] / 3)), 2)
+    row = min(int(y // (size[1] / 3)), 2)
     return REGIONS[3 * row + col]
 
 
-def _shape_mask(shape: str, box: tuple[int, int, int, int]) -> np.ndarray:
+def _shape_mask(shape: str, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
     x0, y0, x1, y1 = box
-    xx, yy = _XX[y0:y1, x0:x1], _YY[y0:y1, x0:x1]
+    all_y, all_x = _coords(size[1], size[0])
+    xx, yy = all_x[y0:y1, x0:x1], all_y[y0:y1, x0:x1]
     cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
     if shape == "circle":
         local = ((xx - cx) / hw) ** 2 + ((yy - cy) / hh) ** 2 <= 1.0
@@ -149,7 +177,7 @@ def _shape_mask(shape: str, box: tuple[int, int, int, int]) -> np.ndarray:
         local = (np.abs(xx - cx) <= hw / 3) | (np.abs(yy - cy) <= hh / 3)
     else:
         raise ValueError(f"unknown shape {shape!r}")
-    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    mask = np.zeros((size[1], size[0]), bool)
     mask[y0:y1, x0:x1] = local
     return mask
 
@@ -172,28 +200,33 @@ def _glyph(char: str, height: int) -> np.ndarray:
     return bitmap[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
 
 
-def _background(rng: np.random.Generator) -> np.ndarray:
+def _background(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    width, height = size
     grey = rng.uniform(90, 190, size=(2, 2, 1))
     corners = grey + rng.uniform(-18, 18, size=(2, 2, 3))  # low saturation tint
-    t = np.linspace(0.0, 1.0, IMAGE_SIZE, dtype=np.float32)[:, None, None]
-    top = corners[0, 0] * (1 - t) + corners[0, 1] * t            # [W,1,3] along x
-    bottom = corners[1, 0] * (1 - t) + corners[1, 1] * t
-    img = top[None, :, 0] * (1 - t) + bottom[None, :, 0] * t      # [H,W,3]
+    tx = np.linspace(0.0, 1.0, width, dtype=np.float32)[:, None, None]
+    ty = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    top = corners[0, 0] * (1 - tx) + corners[0, 1] * tx           # [W,1,3] along x
+    bottom = corners[1, 0] * (1 - tx) + corners[1, 1] * tx
+    img = top[None, :, 0] * (1 - ty) + bottom[None, :, 0] * ty    # [H,W,3]
     angle, period = rng.uniform(0, np.pi), rng.uniform(18, 60)
-    phase = (_XX * np.cos(angle) + _YY * np.sin(angle)) * (2 * np.pi / period)
+    yy, xx = _coords(height, width)
+    phase = (xx * np.cos(angle) + yy * np.sin(angle)) * (2 * np.pi / period)
     img = img + (rng.uniform(3, 7) * np.sin(phase))[..., None]
     return img.astype(np.float32)
 
 
-def _place(rng: np.random.Generator, side: int, boxes: list[tuple[int, int, int, int]]):
+def _place(rng: np.random.Generator, side: int, boxes: list[tuple[int, int, int, int]], size: tuple[int, int]):
+    width, height = size
+    cell_x, cell_y = width / 3, height / 3
     for _ in range(60):
         region = rng.integers(9)
         row, col = divmod(int(region), 3)
         half = side / 2
-        lo_x = max(col * CELL + BORDER_MARGIN + 2, half + 4)
-        hi_x = min((col + 1) * CELL - BORDER_MARGIN - 2, IMAGE_SIZE - half - 4)
-        lo_y = max(row * CELL + BORDER_MARGIN + 2, half + 4)
-        hi_y = min((row + 1) * CELL - BORDER_MARGIN - 2, IMAGE_SIZE - half - 4)
+        lo_x = max(col * cell_x + BORDER_MARGIN + 2, half + 4)
+        hi_x = min((col + 1) * cell_x - BORDER_MARGIN - 2, width - half - 4)
+        lo_y = max(row * cell_y + BORDER_MARGIN + 2, half + 4)
+        hi_y = min((row + 1) * cell_y - BORDER_MARGIN - 2, height - half - 4)
         x0 = int(round(rng.uniform(lo_x, hi_x) - half))
         y0 = int(round(rng.uniform(lo_y, hi_y) - half))
         box = (x0, y0, x0 + side, y0 + side)
@@ -203,29 +236,33 @@ def _place(rng: np.random.Generator, side: int, boxes: list[tuple[int, int, int,
     return None
 
 
-def generate_scene(seed: int) -> Scene:
+def generate_scene(seed: int, size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)) -> Scene:
+    """The scene of ``seed`` on a ``size`` = (width, height) canvas. Objects keep their pixel sizes on any canvas,
+    so on a larger one they are smaller relative to the image; the 672 x 672 canvas holds 4-10 objects (the others
+    3-8)."""
     rng = np.random.default_rng(seed)
-    img = _background(rng)
+    img = _background(rng, size)
     objects: list[SceneObject] = []
     boxes: list[tuple[int, int, int, int]] = []
-    target = int(rng.integers(3, 9))
+    most = 11 if size[0] * size[1] >= 4 * IMAGE_SIZE * IMAGE_SIZE else 9
+    target = int(rng.integers(3 + (most > 9), most))
     while len(objects) < target:
         colour = str(rng.choice(list(COLOURS)))
         shape = str(rng.choice(SHAPES))
         size_idx = int(rng.choice(3, p=SIZE_PROBS))
         box = None
         while box is None and size_idx >= 0:  # crowded scene: try a smaller size class
-            size = list(SIZES)[size_idx]
-            box = _place(rng, int(rng.integers(SIZES[size][0], SIZES[size][1] + 1)), boxes)
+            size_name = list(SIZES)[size_idx]
+            box = _place(rng, int(rng.integers(SIZES[size_name][0], SIZES[size_name][1] + 1)), boxes, size)
             size_idx -= 1
         if box is None:
             if len(objects) >= 3:
                 break
             continue
-        mask = _shape_mask(shape, box)
+        mask = _shape_mask(shape, box, size)
         img[mask] = COLOURS[colour]
-        obj = SceneObject(shape, colour, size, None, box, mask)
-        if size != "small" and rng.random() < LABEL_PROB:
+        obj = SceneObject(shape, colour, size_name, None, box, mask)
+        if size_name != "small" and rng.random() < LABEL_PROB:
             obj.label = str(rng.choice(LABELS))
             side = box[2] - box[0]
             glyph = _glyph(obj.label, max(10, 2 * round(side * (0.3 if shape in ("triangle", "cross") else 0.4) / 2)))
@@ -238,7 +275,7 @@ def generate_scene(seed: int) -> Scene:
             img[obj.label_mask] = (15, 15, 15) if dark else (250, 250, 250)
         objects.append(obj)
         boxes.append(box)
-    noise = rng.standard_normal((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32) * 3.0
+    noise = rng.standard_normal((size[1], size[0]), dtype=np.float32) * 3.0
     img += noise[..., None]
     image = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
     return Scene(seed, image, objects)
@@ -258,8 +295,8 @@ def _descriptions(obj: SceneObject, objects: list[SceneObject]) -> list[str]:
     return [d for d, match in cands if sum(map(match, objects)) == 1]
 
 
-def _union(objs: Sequence[SceneObject]) -> np.ndarray:
-    out = np.zeros((GRID, GRID), bool)
+def _union(objs: Sequence[SceneObject], size: tuple[int, int]) -> np.ndarray:
+    out = np.zeros((size[1] // PATCH_SIZE, size[0] // PATCH_SIZE), bool)
     for o in objs:
         out |= o.patch_mask()
     return out
@@ -269,7 +306,7 @@ def _pick(rng: np.random.Generator, items: Sequence):
     return items[int(rng.integers(len(items)))]
 
 
-def _attribute(objs, rng):
+def _attribute(objs, rng, size):
     forms = []
     for o in objs:
         if sum(p.shape == o.shape for p in objs) == 1:
@@ -282,7 +319,7 @@ def _attribute(objs, rng):
     return q, a, [o]
 
 
-def _existence(objs, rng):
+def _existence(objs, rng, size):
     present = {(o.colour, o.shape) for o in objs}
     if rng.random() < 0.5:
         colour, shape = _pick(rng, sorted(present))
@@ -300,13 +337,13 @@ def _existence(objs, rng):
     return f"is there {article} {colour} {shape} ?", answer, refs
 
 
-def _counting(objs, rng):
+def _counting(objs, rng, size):
     by_count: dict[int, list[tuple[str, str]]] = {}
     for c in COLOURS:
         by_count.setdefault(sum(o.colour == c for o in objs), []).append(("colour", c))
     for s in SHAPES:
         by_count.setdefault(sum(o.shape == s for o in objs), []).append(("shape", s))
-    count = _pick(rng, sorted(by_count))  # flattens the answer prior
+    count = _pick(rng, sorted(c for c in by_count if c <= 8))  # flattens the answer prior; answers stop at "8"
     kind, value = _pick(rng, by_count[count])
     if kind == "colour":
         q, refs = f"how many {value} objects are there ?", [o for o in objs if o.colour == value]
@@ -326,7 +363,7 @@ def _side(a: SceneObject, b: SceneObject) -> str | None:
     return None
 
 
-def _spatial(objs, rng):
+def _spatial(objs, rng, size):
     pairs = [(a, b) for a in objs for b in objs
              if a is not b and _descriptions(a, objs) and _descriptions(b, objs) and _side(a, b)]
     if not pairs:
@@ -337,21 +374,22 @@ def _spatial(objs, rng):
     return q, _side(a, b), [a, b]
 
 
-def _near_border(v: float) -> bool:
-    return any(abs(v - k * CELL) < BORDER_MARGIN for k in (1, 2))
+def _near_border(v: float, extent: int) -> bool:
+    return any(abs(v - k * extent / 3) < BORDER_MARGIN for k in (1, 2))
 
 
-def _localisation(objs, rng):
-    eligible = [o for o in objs if _descriptions(o, objs) and not any(map(_near_border, o.centroid()))]
+def _localisation(objs, rng, size):
+    eligible = [o for o in objs if _descriptions(o, objs)
+                and not any(_near_border(v, extent) for v, extent in zip(o.centroid(), size))]
     if not eligible:
         return None
     want = REGIONS[int(rng.integers(9))]  # aim for a uniform region prior
-    in_region = [o for o in eligible if region_of(*o.centroid()) == want]
+    in_region = [o for o in eligible if region_of(*o.centroid(), size) == want]
     o = _pick(rng, in_region or eligible)
-    return f"where is the {_pick(rng, _descriptions(o, objs))} ?", region_of(*o.centroid()), [o]
+    return f"where is the {_pick(rng, _descriptions(o, objs))} ?", region_of(*o.centroid(), size), [o]
 
 
-def _reading(objs, rng):
+def _reading(objs, rng, size):
     eligible = [o for o in objs if o.label is not None and _descriptions(o, objs)]
     if not eligible:
         return None
@@ -369,33 +407,46 @@ def questions_for_scene(scene: Scene, rng: np.random.Generator) -> list[Sample]:
     child_seeds = rng.integers(0, 2**63, size=len(FAMILIES))
     samples = []
     for family, child in zip(FAMILIES, child_seeds):
-        out = _GENERATORS[family](scene.objects, np.random.default_rng(int(child)))
+        out = _GENERATORS[family](scene.objects, np.random.default_rng(int(child)), scene.size)
         if out is None:
             continue
         q, a, refs = out
-        samples.append(Sample(scene.seed, scene.image, q, a, family, answer_choices(family), _union(refs)))
+        samples.append(Sample(scene.seed, scene.image, q, a, family, answer_choices(family), _union(refs, scene.size)))
     return samples
 
 
-def load_split(split: str, n: int, families: Sequence[str] | None = None) -> list[Sample]:
+def scene_size(seed: int, resolution: str = "base") -> tuple[int, int]:
+    """The canvas (width, height) of a scene seed: 336 x 336 at ``"base"``; at ``"high"`` one of
+    ``HIGH_RES_SIZES`` drawn from the seed (LLaVA-NeXT grids 1x2, 2x1, 2x2 in equal shares)."""
+    if resolution == "base":
+        return (IMAGE_SIZE, IMAGE_SIZE)
+    return HIGH_RES_SIZES[int(np.random.default_rng([seed, 11]).integers(len(HIGH_RES_SIZES)))]
+
+
+def load_split(split: str, n: int, families: Sequence[str] | None = None, resolution: str = "base") -> list[Sample]:
     """`n` samples cycling round-robin over `families`; scenes may be shared across families.
 
     Family f's j-th sample comes from the j-th scene of the split that can pose f, so
     the result is deterministic and load_split(s, n) is a prefix of load_split(s, n + k).
+    ``resolution="high"``: the high-resolution variant (canvases of ``HIGH_RES_SIZES``, its own scene seeds), for
+    LLaVA-NeXT-style models; objects and glyphs keep their pixel sizes, so the small ones are legible only at the
+    crops' full resolution, not in the downscaled whole-image view.
     """
     if split not in SPLIT_SEED_BASE:
         raise ValueError(f"split must be one of {tuple(SPLIT_SEED_BASE)}, got {split!r}")
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
     fams = tuple(families) if families is not None else FAMILIES
     unknown = set(fams) - set(FAMILIES)
     if unknown or not fams:
         raise ValueError(f"unknown or empty families: {sorted(unknown)}")
     pending: dict[str, list[Sample]] = {f: [] for f in fams}
-    seed = SPLIT_SEED_BASE[split]
+    seed = (SPLIT_SEED_BASE if resolution == "base" else HIGH_RES_SEED_BASE)[split]
     out: list[Sample] = []
     while len(out) < n:
         family = fams[len(out) % len(fams)]
         while not pending[family]:
-            scene = generate_scene(seed)
+            scene = generate_scene(seed, scene_size(seed, resolution))
             for s in questions_for_scene(scene, np.random.default_rng([seed, 7])):
                 if s.family in pending:
                     pending[s.family].append(s)
@@ -410,9 +461,12 @@ def answer_choices(family: str) -> tuple[str, ...]:
             "localisation": REGIONS, "reading": LABELS}[family]
 
 
-def chance_rate(family: str) -> float:
-    """Accuracy of always answering the generator's most frequent answer (see module docstring)."""
-    return _CHANCE[family]
+def chance_rate(family: str, resolution: str = "base") -> float:
+    """Accuracy of always answering the generator's most frequent answer (see module docstring); the
+    high-resolution variant differs only in counting (its larger canvases hold more objects)."""
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution!r}")
+    return _CHANCE_HIGH[family] if resolution == "high" else _CHANCE[family]
 
 
 def question_vocabulary() -> list[str]:

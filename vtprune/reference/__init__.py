@@ -17,12 +17,18 @@ import torch
 from vtprune.reference.build import (PROMPT_TEMPLATE, build_config, build_processor, build_tokenizer,
                                      format_prompt)
 
-__all__ = ["MODELS", "PROMPT_TEMPLATE", "build_config", "build_processor", "build_tokenizer", "format_prompt",
+__all__ = ["MODELS", "PROMPT_TEMPLATE", "RESOLUTION", "build_config", "build_processor", "build_tokenizer", "format_prompt",
            "load_reference", "path", "sample"]
 
 _ROOT = Path(__file__).resolve().parent
 #: shipped reference models: name -> what it is
-MODELS = {"mini-llava": "LLaVA-1.5-style, CLIP ViT 24x24 grid (576 tokens) + 8-layer Llama, trained on SynthVQA"}
+MODELS = {
+    "mini-llava": "LLaVA-1.5-style, CLIP ViT 24x24 grid (576 tokens) + 8-layer Llama, trained on SynthVQA",
+    "mini-llava-next": "LLaVA-NeXT-style: base view + 336-px crops on 1x2/2x1/2x2 grids (1,752-2,928 tokens), "
+                       "from MiniLLaVA, trained on high-resolution SynthVQA",
+}
+#: the SynthVQA variant each reference model is trained and measured on (``synthvqa.load_split(resolution=)``)
+RESOLUTION = {"mini-llava": "base", "mini-llava-next": "high"}
 
 
 def path(name: str = "mini-llava") -> Path:
@@ -46,11 +52,13 @@ def load_reference(name: str = "mini-llava", *, device: str | torch.device = "cp
     return model, AutoProcessor.from_pretrained(folder)
 
 
-def sample(index: int = 0, split: str = "test"):
+def sample(index: int = 0, split: str = "test", model: str = "mini-llava"):
     """The ``index``-th SynthVQA question of ``split`` (a ``Sample``: image, question, answer, family, choices,
-    relevant_patches); the same question ``vtprune bench`` asks."""
+    relevant_patches) in the variant reference ``model`` is measured on; the same question ``vtprune bench`` asks."""
     from vtprune.bench import synthvqa
 
     if index < 0:
         raise ValueError(f"index={index}: use a non-negative index")
-    return synthvqa.load_split(split, index + 1)[index]
+    if model not in RESOLUTION:
+        raise ValueError(f"no shipped reference model {model!r}; shipped: {', '.join(MODELS)}")
+    return synthvqa.load_split(split, index + 1, resolution=RESOLUTION[model])[index]

@@ -116,3 +116,40 @@ def build_config(
 def format_prompt(question: str) -> str:
     """MiniLLaVA's prompt for a question (its chat template gives the same string)."""
     return PROMPT_TEMPLATE.format(question=question)
+
+
+# ------------------------------------------------------------------ MiniLLaVA-NeXT
+
+#: LLaVA-NeXT grid pinpoints (height, width) of MiniLLaVA-NeXT: grids 1x2, 2x1 and 2x2 of 336-px crops
+NEXT_PINPOINTS = [[sv.IMAGE_SIZE, 2 * sv.IMAGE_SIZE], [2 * sv.IMAGE_SIZE, sv.IMAGE_SIZE],
+                  [2 * sv.IMAGE_SIZE, 2 * sv.IMAGE_SIZE]]
+#: longest prompt: 576 base tokens + a 48 x 48 canvas with its 48 newline tokens + the question
+NEXT_MAX_POSITIONS = 4096
+
+
+def build_next_processor(tokenizer=None):
+    """The stock ``LlavaNextProcessor`` (PIL image processor): a base view plus 336-px crops per image."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
+    tokenizer.model_max_length = NEXT_MAX_POSITIONS
+    size = sv.IMAGE_SIZE
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                                 image_grid_pinpoints=NEXT_PINPOINTS)
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=sv.PATCH_SIZE,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
+
+
+def build_next_config(base):
+    """A ``LlavaNextConfig`` with the towers and widths of a MiniLLaVA ``LlavaConfig`` ``base``."""
+    from transformers import LlavaNextConfig
+
+    text = base.text_config.to_dict()
+    text["max_position_embeddings"] = NEXT_MAX_POSITIONS
+    return LlavaNextConfig(
+        vision_config=base.vision_config.to_dict(), text_config=text, image_token_index=base.image_token_index,
+        image_grid_pinpoints=NEXT_PINPOINTS, projector_hidden_act=base.projector_hidden_act,
+        vision_feature_select_strategy="default", vision_feature_layer=-2, pad_token_id=base.pad_token_id,
+        tie_word_embeddings=False)

@@ -393,6 +393,19 @@ class _PrefixLM:
     def parameters(self) -> list[nn.Parameter]:
         return list(self.projector.parameters()) + list(self.lm.parameters()) + list(self.head.parameters())
 
+    def image_tokens(self, feats: torch.Tensor, packed: dict[str, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The image's LLM tokens [B, K, D] and the prefix positions (None: contiguous)."""
+        keep = packed.get("image_keep")
+        if keep is None:
+            return self.projector(feats.to(self.head.weight.dtype)), None
+        # a subset of the image tokens, at their own positions
+        device, b, head_len = feats.device, feats.shape[0], len(self.head_ids)
+        keep = keep.to(device)
+        feats = feats.gather(1, keep[..., None].expand(-1, -1, feats.shape[-1]))
+        prefix_pos = torch.cat([torch.arange(head_len, device=device).expand(b, -1), head_len + keep], 1)
+        return self.projector(feats.to(self.head.weight.dtype)), prefix_pos
+
     def logits(self, feats: torch.Tensor, packed: dict[str, torch.Tensor],
                ground_layers: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
         """feats [B,576,Dv] + a :func:`_pack` batch -> (next-token logits [questions, V], grounding).
@@ -409,13 +422,7 @@ class _PrefixLM:
         b = feats.shape[0]
         head = embed(self.head_ids.to(device)).unsqueeze(0).expand(b, -1, -1)
         head_len = len(self.head_ids)
-        keep = packed.get("image_keep")
-        prefix_pos = None
-        if keep is not None:  # a subset of the image tokens, at their own positions
-            keep = keep.to(device)
-            feats = feats.to(device).gather(1, keep[..., None].expand(-1, -1, feats.shape[-1]))
-            prefix_pos = torch.cat([torch.arange(head_len, device=device).expand(b, -1), head_len + keep], 1)
-        img = self.projector(feats.to(embed.weight.dtype))
+        img, prefix_pos = self.image_tokens(feats, packed)
         prefix = torch.cat([head.to(img.dtype), img], dim=1)
         cache = self._cache_cls(config=self.lm.config)
         self.lm(inputs_embeds=prefix, past_key_values=cache, use_cache=True, position_ids=prefix_pos)
