@@ -151,6 +151,32 @@ def _tune_allocator() -> None:
         pass
 
 
+def start_run(output_dir: str | Path, *, overwrite: bool, threads: int | None, seed: int, verbose: bool
+              ) -> tuple[Path, list[str], Callable[[str], None], float]:
+    """A training run's set-up: refuse to overwrite a checkpoint unless asked, threads, seeds, and a log that
+    timestamps and keeps every line. Returns (output folder, log lines, log, start time)."""
+    output_dir = Path(output_dir)
+    if (output_dir / "config.json").exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already holds a checkpoint: choose another output folder, or pass "
+                              "overwrite=True (--overwrite) to replace it")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _tune_allocator()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    lines: list[str] = []
+    started = time.time()
+
+    def log(msg: str) -> None:
+        line = f"[{time.time() - started:7.1f}s] {msg}"
+        lines.append(line)
+        if verbose:
+            print(line, flush=True)
+
+    return output_dir, lines, log, started
+
+
 def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -765,24 +791,8 @@ def train_reference(
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    output_dir = Path(output_dir)
-    if (output_dir / "config.json").exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already holds a checkpoint: choose another output folder, or pass "
-                              "overwrite=True (--overwrite) to replace it")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _tune_allocator()
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    lines: list[str] = []
-    t_start = time.time()
-
-    def log(msg: str) -> None:
-        line = f"[{time.time() - t_start:7.1f}s] {msg}"
-        lines.append(line)
-        if verbose:
-            print(line, flush=True)
+    output_dir, lines, log, t_start = start_run(output_dir, overwrite=overwrite, threads=threads, seed=seed,
+                                                verbose=verbose)
 
     arch = dict(vision_hidden=vision_hidden, vision_layers=vision_layers, vision_heads=vision_heads,
                 text_hidden=text_hidden, text_layers=text_layers, text_heads=text_heads,

@@ -32,7 +32,7 @@ from vtprune.bench import synthvqa as sv
 from vtprune.bench.evaluate import evaluate
 from vtprune.reference.build import PROMPT_TEMPLATE, build_next_config, build_next_processor, build_tokenizer
 from vtprune.reference.train import (REFERENCE_DIR, Question, _autocast, _encode_question, _lr_at, _pack,
-                                     _PrefixLM, _set_lr, _tune_allocator)
+                                     _PrefixLM, _set_lr, start_run)
 
 REGRESSION_SUBSET = 24  # first test questions whose predictions are recorded for regression tests
 
@@ -229,9 +229,9 @@ def train_next_reference(
     device: str = "cpu",
     n_scenes: int = 2400,
     question_sets: int = 3,
-    steps: int = 700,
+    steps: int = 600,
     batch: int = 4,
-    lr: float = 5e-4,
+    lr: float = 1e-3,
     end_weight: float = 0.5,
     weight_decay: float = 0.05,
     eval_every: int = 100,
@@ -246,23 +246,8 @@ def train_next_reference(
     """Train MiniLLaVA-NeXT from the MiniLLaVA checkpoint ``base`` (see the module docstring) into ``output_dir``."""
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    output_dir = Path(output_dir)
-    if (output_dir / "config.json").exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already holds a checkpoint: choose another output folder, or pass "
-                              "overwrite=True (--overwrite) to replace it")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _tune_allocator()
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    lines: list[str] = []
-    t_start = time.time()
-
-    def log(msg: str) -> None:
-        line = f"[{time.time() - t_start:7.1f}s] {msg}"
-        lines.append(line)
-        if verbose:
-            print(line, flush=True)
+    output_dir, lines, log, t_start = start_run(output_dir, overwrite=overwrite, threads=threads, seed=seed,
+                                                verbose=verbose)
 
     recipe = dict(base=str(base), seed=seed, device=device, n_scenes=n_scenes, question_sets=question_sets,
                   steps=steps, batch=batch, lr=lr, end_weight=end_weight, weight_decay=weight_decay,
