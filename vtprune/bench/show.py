@@ -10,28 +10,38 @@ from PIL import Image, ImageDraw
 import vtprune
 
 
-def kept_token_overlay(image: Image.Image, sources: torch.Tensor, alive: torch.Tensor, grid: int) -> Image.Image:
-    """Dim patches no surviving token covers; outline groups of patches merged into one token.
+def kept_token_overlay(image: Image.Image, covered: np.ndarray, owner: np.ndarray, merged: bool) -> Image.Image:
+    """Dim the image where no surviving token covers its grid cell; outline groups of cells merged into one token.
 
-    ``sources`` [k, grid*grid]: per visual token its source weights; ``alive``: indices of surviving tokens.
-    """
-    size = image.size[0]
-    patch = size / grid
-    covered = (sources[alive] > 0).any(0).reshape(grid, grid).numpy()
-    owner = sources.argmax(0).reshape(grid, grid).numpy()  # the token each patch ended up in
+    ``covered`` / ``owner`` [height, width]: per cell of a token grid laid over the whole image (LLaVA-1.5's 24x24;
+    LLaVA-NeXT's base view, or its stitched crops) whether a surviving token covers it, and the token it ended up
+    in."""
+    rows, cols = covered.shape
+    cell_w, cell_h = image.width / cols, image.height / rows
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-    dim = np.kron(np.where(covered, 1.0, 0.25), np.ones((int(np.ceil(patch)),) * 2))[:size, :size]
+    ys = np.minimum((np.arange(image.height) / cell_h).astype(int), rows - 1)
+    xs = np.minimum((np.arange(image.width) / cell_w).astype(int), cols - 1)
+    dim = np.where(covered, 1.0, 0.25)[ys][:, xs]
     out = Image.fromarray((pixels * dim[..., None]).astype(np.uint8))
     draw = ImageDraw.Draw(out)
-    merged = sources.sum(0).gt(0).all() and (sources > 0).sum(-1).max() > 1
-    for row in range(grid):
-        for col in range(grid):
-            x, y = col * patch, row * patch
-            if merged and col + 1 < grid and owner[row, col] != owner[row, col + 1]:
-                draw.line([(x + patch, y), (x + patch, y + patch)], fill=(255, 255, 0), width=1)
-            if merged and row + 1 < grid and owner[row, col] != owner[row + 1, col]:
-                draw.line([(x, y + patch), (x + patch, y + patch)], fill=(255, 255, 0), width=1)
+    if merged:
+        for row in range(rows):
+            for col in range(cols):
+                x, y = col * cell_w, row * cell_h
+                if col + 1 < cols and owner[row, col] != owner[row, col + 1]:
+                    draw.line([(x + cell_w, y), (x + cell_w, y + cell_h)], fill=(255, 255, 0), width=1)
+                if row + 1 < rows and owner[row, col] != owner[row + 1, col]:
+                    draw.line([(x, y + cell_h), (x + cell_w, y + cell_h)], fill=(255, 255, 0), width=1)
     return out
+
+
+def grid_cover(layout, sources: torch.Tensor, alive: torch.Tensor, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """(covered, owner) [height, width] of the layout's ``grid`` from the tokens' dense ``sources`` [k, N]."""
+    cells = layout.raster(grid)
+    height, width = layout.grid_shapes[grid]
+    covered = (sources[alive][:, cells] > 0).any(0).reshape(height, width).numpy()
+    owner = sources[:, cells].argmax(0).reshape(height, width).numpy()
+    return covered, owner
 
 
 def show(model, processor, sample, method: str, out: Path, prompt, **params) -> Path:
@@ -40,14 +50,19 @@ def show(model, processor, sample, method: str, out: Path, prompt, **params) -> 
     with torch.no_grad(), vtprune.apply(model, method, **params) as pruner:
         model(**inputs, logits_to_keep=1)
     stats = pruner.stats
-    sources = stats.dense_sources(0)
-    grid = int(round(sources.shape[1] ** 0.5))
-    overlay = kept_token_overlay(sample.image, sources, stats.final_tokens[0], grid)
-    canvas = Image.new("RGB", (sample.image.width * 2 + 8, sample.image.height + 40), "white")
-    canvas.paste(sample.image.convert("RGB"), (0, 40))
-    canvas.paste(overlay, (sample.image.width + 8, 40))
+    layout = stats.layouts(0)[0]
+    sources = stats.dense_sources(0)[:, :len(layout)]
+    merged = bool(sources.sum(0).gt(0).all() and (sources > 0).sum(-1).max() > 1)
+    # one panel per token grid: LLaVA-1.5 has one; LLaVA-NeXT its base view, then its stitched crops
+    panels = [kept_token_overlay(sample.image, *grid_cover(layout, sources, stats.final_tokens[0], g), merged)
+              for g in range(len(layout.grid_shapes))]
+    width, height = sample.image.size
+    canvas = Image.new("RGB", ((width + 8) * (1 + len(panels)) - 8, height + 40), "white")
+    for i, panel in enumerate([sample.image.convert("RGB"), *panels]):
+        canvas.paste(panel, (i * (width + 8), 40))
     label = f"{method} {params}: {int(stats.visual_tokens[0, -1])} tokens alive after the last layer"
-    ImageDraw.Draw(canvas).text((4, 4), f"{sample.question}  [{sample.answer}]\n{label}", fill="black")
+    views = " (panels: image, base view, crops)" if len(panels) > 1 else ""
+    ImageDraw.Draw(canvas).text((4, 4), f"{sample.question}  [{sample.answer}]\n{label}{views}", fill="black")
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)
     return out
