@@ -619,7 +619,7 @@ def test_budget_ratio_and_the_key_floor(model):
 
 
 def test_mustdrop_decode_composes_with_another_methods_prefill(model):
-    """No composition API exists; a Method returning both methods' operators runs both stages."""
+    """A Method returning both methods' operators (what vtprune.compose builds) runs both stages."""
 
     class FastVThenEvict(Method):
         name, paper, stages = "fastv+mustdrop_decode", "test", ("pre_llm", "layer", "decode")

@@ -12,13 +12,15 @@ from typing import Any
 from torch import nn
 
 from vtprune.methods import REGISTRY, Method, get_method, support_matrix
+from vtprune.methods.compose import Composite, compose
 from vtprune.runtime import Pruner, Stats
 
 __version__ = "0.1.0"
 
 
 def apply(model: nn.Module, method: str | Method, **params: Any) -> Pruner:
-    """Install ``method`` (a registered name or a ``Method`` instance) on ``model`` until ``remove()`` / exit.
+    """Install ``method`` (a registered name, a ``Method`` instance, or several methods' stages from ``compose()``)
+    on ``model`` until ``remove()`` / exit.
 
     Parameters are validated before anything is installed, so a bad call leaves the model untouched.
     """
@@ -36,4 +38,4 @@ def methods() -> list[dict[str, Any]]:
     return [REGISTRY[name].describe() for name in sorted(REGISTRY)]
 
 
-__all__ = ["Method", "Pruner", "Stats", "apply", "methods", "support_matrix"]
+__all__ = ["Composite", "Method", "Pruner", "Stats", "apply", "compose", "methods", "support_matrix"]

@@ -95,6 +95,7 @@ class Adapter:
     model_classes: ClassVar[tuple[str, ...]] = ()
     capabilities: ClassVar[frozenset[str]] = frozenset()
     position_dims: ClassVar[int] = 1
+    separator_tokens: ClassVar[bool] = False  # layouts may hold learned separator tokens (LLaVA-NeXT's newlines)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

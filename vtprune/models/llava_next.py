@@ -22,6 +22,7 @@ from vtprune.models.llava import LlavaAdapter
 class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+    separator_tokens = True
 
     @property
     def fixed_tokens_per_image(self) -> None:
