@@ -181,3 +181,13 @@ def test_show_draws_the_base_view_and_the_crops(tmp_path):
     # 300 of 576 + crop tokens survive: both panels are partly dimmed, differently
     assert base.mean() < original.mean() * 0.95 and crops.mean() < original.mean() * 0.95
     assert not np.array_equal(base, crops)
+
+
+def test_grounded_recall_maps_relevant_patches_onto_both_grids_of_a_wide_image():
+    from vtprune.bench.evaluate import _relevant_cells
+
+    relevant = np.zeros((24, 48), dtype=bool)  # a 672 x 336 image: 24 rows, 48 columns of 14-px patches
+    relevant[0, 47] = True  # top-right patch
+    base = _relevant_cells(relevant, (24, 24))  # the squashed base view: two columns per cell
+    crops = _relevant_cells(relevant, (24, 48))
+    assert base.nonzero() == (np.array([0]), np.array([23])) and crops.nonzero() == (np.array([0]), np.array([47]))

@@ -138,12 +138,13 @@ def generate_answers(model, inputs: dict[str, Any], tokenizer, max_new_tokens: S
 
 
 def _relevant_cells(relevant: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """SynthVQA's relevant patches (24x24 over the square image) as a bool map over a (rows, cols) token grid that
-    spans the same image: a cell is relevant if any relevant pixel falls in it."""
+    """SynthVQA's relevant patches (24x24 over a 336-px image; [height / 14, width / 14] over a high-resolution one)
+    as a bool map over a (rows, cols) token grid that spans the same image (LLaVA-NeXT: the squashed base view, or the
+    stitched crops): a cell is relevant if any relevant pixel falls in it."""
     pixels = np.kron(relevant, np.ones((sv.PATCH_SIZE, sv.PATCH_SIZE), dtype=bool))
-    size = pixels.shape[0]
-    rows = np.minimum((np.arange(size) * shape[0]) // size, shape[0] - 1)
-    cols = np.minimum((np.arange(size) * shape[1]) // size, shape[1] - 1)
+    height, width = pixels.shape
+    rows = np.minimum((np.arange(height) * shape[0]) // height, shape[0] - 1)
+    cols = np.minimum((np.arange(width) * shape[1]) // width, shape[1] - 1)
     out = np.zeros(shape, dtype=bool)
     ys, xs = np.nonzero(pixels)
     out[rows[ys], cols[xs]] = True
