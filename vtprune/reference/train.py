@@ -789,7 +789,7 @@ def train_reference(
     tower and its features, keyed by the stage (a) settings, so that trying other stage (b)
     settings does not redo (a); it is a development aid and does not change the result.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     output_dir, lines, log, t_start = start_run(output_dir, overwrite=overwrite, threads=threads, seed=seed,
                                                 verbose=verbose)
