@@ -46,7 +46,7 @@ def _untouched(model, ids, mask, ref):
     ("uniform", {"ratio": 1.5}, ValueError, "ratio=1.5 must be <= 1"),
     ("uniform", {"ratio": 0}, ValueError, "ratio=0 must be > 0"),
     ("uniform", {"ratio": True}, ValueError, "ratio=True must be a number"),
-    ("nope", {}, ValueError, "unknown method 'nope'; registered methods: atp, divprune, fastervlm, fastv"),
+    ("nope", {}, ValueError, "unknown method 'nope'; registered methods: atp, csp, divprune, fastervlm, fastv"),
     ("fastv", {"kep": 5}, TypeError, "fastv has no parameter 'kep'; its parameters are: keep, ratio, layer"),
     ("fastv", {"layer": 4}, ValueError, "layer 4 is out of range; this model has 4 decoder layers"),
     ("fastv", {"layer": 0}, ValueError, "before layers 1..3"),
@@ -93,7 +93,7 @@ def test_methods_needing_cls_or_vit_merging_are_refused_on_qwen(method):
     model = Family("qwen2_vl").model()
     needs = r"\[CLS\] token" if method == "fastervlm" else "merged between vision-tower blocks"
     with pytest.raises(TypeError, match=rf"{method} needs a model where .*{needs}.*Qwen2VLForConditionalGeneration.*"
-                                        r"Methods that run on it: atp, divprune, fastv, feather, mustdrop_decode, "
+                                        r"Methods that run on it: atp, csp, divprune, fastv, feather, mustdrop_decode, "
                                         r"mustdrop_prefill, pool, pyramiddrop, random, uniform"):
         vtprune.apply(model, method)
     assert not any(m._forward_pre_hooks for m in model.modules())

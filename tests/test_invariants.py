@@ -8,6 +8,7 @@ import torch
 
 import vtprune
 from vtprune.methods.atp import _ATPStage
+from vtprune.methods.csp import _Prune
 from vtprune.methods.fastv import _FastVDrop
 from vtprune.methods.feather import _FeatherCut
 from vtprune.methods.mustdrop_stages import DualAttentionFilter
@@ -23,6 +24,7 @@ PROMPTS = [
 SINGLES = [[PROMPTS[0]], [PROMPTS[1]]]
 BUDGET = {"llava": 9, "llava_next": 20, "qwen2_vl": 6, "qwen2_5_vl": 6}
 PER_VIEW = {"fastervlm": 5, "tome": 16}  # per-view budgets (a view has 36 patches here)
+CSP_KEEP = {"llava": 14, "llava_next": 50, "qwen2_vl": 10, "qwen2_5_vl": 10}  # layer averages reachable on 4 layers
 _models: dict = {}
 
 
@@ -38,6 +40,8 @@ def budget(family, method) -> dict:
         return {"weights": "untrained"}
     if method in MUSTDROP_KEEP:  # per view: layer-averaged / entering the LLM / a decode floor (test_mustdrop.py)
         return {"keep": MUSTDROP_KEEP[method]}
+    if method == "csp":  # layer-averaged; the scattering layer holds every token, so small averages are unreachable
+        return {"keep": CSP_KEEP[family.name]}
     return {"keep": PER_VIEW.get(method, BUDGET[family.name])}
 
 
@@ -86,7 +90,7 @@ def _fixed_scores(self, ctx):
 def test_cache_parity(pair, monkeypatch):
     """Pruned generate with the KV cache == recomputing the pruned prompt from scratch at every step."""
     family, method = pair
-    for operator in (_FastVDrop, _PyramidStage, _FeatherCut):  # in-LLM scores read the last token
+    for operator in (_FastVDrop, _PyramidStage, _FeatherCut, _Prune):  # in-LLM scores read the last token
         monkeypatch.setattr(operator, "scores", _fixed_scores)
     monkeypatch.setattr(_ATPStage, "scores", lambda self, ctx: (_fixed_scores(self, ctx) / 97,) * 3)
     monkeypatch.setattr(DualAttentionFilter, "scores", lambda self, ctx: (_fixed_scores(self, ctx) / 97,) * 2)
@@ -152,6 +156,11 @@ def test_exact_budgets(pair):
             views = pruned.stats.tokens_per_partition[b][i][:, last]
             if method in MUSTDROP_KEEP:
                 check_mustdrop_budget(method, keep, full.stats, pruned.stats, b, i, depth)
+            elif method == "csp":  # keep = the image's content tokens averaged over layers, K after prune_from
+                content = _content(pruned.stats, b, i).double()
+                assert abs(float(content.mean()) - min(keep, int(have_content))) <= 0.5
+                plan = vtprune.get_method("csp")(keep=keep).plan(int(have_content), depth)
+                assert content.tolist() == plan.profile
             elif method == "pyramiddrop":  # keep = the image's tokens averaged over layers (within 0.5 here)
                 profile = pruned.stats.tokens_per_image[b][i].double()
                 assert abs(float(profile.mean()) - min(keep, int(have_all))) <= 0.5

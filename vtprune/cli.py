@@ -1,4 +1,5 @@
-"""Command line: ``vtprune bench | show | methods | train-reference | train-atp | export-lmms-task``."""
+"""Command line: ``vtprune bench [--task synthseg] | show | methods | train-reference | train-atp |
+export-lmms-task``."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,8 @@ def _load(model_path: str | None, device: str, dtype: str = "float32"):
 
     from vtprune import reference
 
+    if model_path == "mini-lisa":
+        raise SystemExit("mini-lisa is a segmentation model (SynthSeg, gIoU): use `vtprune bench --task synthseg`")
     try:
         path = str(reference.path(model_path or "mini-llava")) if model_path in (None, *reference.MODELS) \
             else model_path
@@ -27,6 +30,29 @@ def _load(model_path: str | None, device: str, dtype: str = "float32"):
         raise SystemExit(f"{error}, or pass --model") from None
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     return model, AutoProcessor.from_pretrained(path)
+
+
+def _load_lisa(model_path: str | None, device: str, dtype: str = "float32"):
+    """The MiniLISA model and processor for ``--task synthseg``: the shipped ``mini-lisa`` by default, else a local
+    folder written by ``vtprune train-reference --model mini-lisa``."""
+    import torch
+    from transformers import AutoProcessor
+
+    from vtprune import reference
+    from vtprune.reference.lisa import MiniLisa
+
+    fix = ("--task synthseg needs a MiniLISA checkpoint (a LISA-style model: VLM with a [SEG] token and a mask "
+           "decoder); train one with `vtprune train-reference --model mini-lisa --output DIR` and pass --model DIR")
+    name = model_path or "mini-lisa"
+    try:
+        folder = reference.path(name) if name == "mini-lisa" or name in reference.MODELS else Path(name)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"{error}. {fix}") from None
+    try:
+        model = MiniLisa.from_pretrained(folder, dtype=getattr(torch, dtype))
+    except FileNotFoundError as error:
+        raise SystemExit(f"{error}. {fix}") from None
+    return model.to(device).eval(), AutoProcessor.from_pretrained(folder)
 
 
 def _resolution(requested: str, processor) -> str:
@@ -53,6 +79,12 @@ def _budget(text: str) -> int | float:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.task == "synthseg":
+        _bench_seg(args)
+        return
+    if args.nominal_budgets:
+        raise SystemExit("--nominal-budgets is a --task synthseg option; the SynthVQA bench always passes budgets in "
+                         "each method's own convention")
     from vtprune.bench import synthvqa as sv
     from vtprune.bench.plots import plot_report
     from vtprune.bench.runner import DEFAULT_BUDGETS, format_decode_table, format_table, run_bench, save_report
@@ -86,6 +118,40 @@ def _bench(args: argparse.Namespace) -> None:
             print(f"plot: {plot}")
 
 
+def _bench_seg(args: argparse.Namespace) -> None:
+    """``vtprune bench --task synthseg``: see ``vtprune.bench.seg_runner``."""
+    from vtprune.bench import synthseg as ss
+    from vtprune.bench.runner import save_report
+    from vtprune.bench.seg_runner import DEFAULT_BUDGETS, default_methods, run_seg_bench
+
+    synthvqa_only = {"--readme": args.readme, "--decode-tokens": args.decode_tokens,
+                     "--scoring": args.scoring != "likelihood", "--resolution": args.resolution != "auto"}
+    given = [flag for flag, value in synthvqa_only.items() if value]
+    if given:
+        raise SystemExit(f"{', '.join(given)}: SynthVQA option(s), not used by --task synthseg; leave them out")
+    model, processor = _load_lisa(args.model, args.device, args.dtype)
+    samples = ss.load_split("test", args.samples)
+    start = time.perf_counter()
+    report, examples = run_seg_bench(model, processor, samples, args.methods or default_methods(),
+                                     args.budgets or DEFAULT_BUDGETS, batch_size=args.batch_size,
+                                     match=not args.nominal_budgets)
+    report["dtype"] = args.dtype
+    report["model"] = "shipped mini-lisa (MiniLISA)" if args.model in (None, "mini-lisa") else args.model
+    report["wall_seconds"] = round(time.perf_counter() - start, 1)
+    out = Path(args.out)
+    path = save_report(report, out)
+    print(report["table"])
+    print(f"\n{len(samples)} SynthSeg test prompts, {report['wall_seconds']} s; JSON: {path}")
+    if args.no_plots:
+        return
+    try:
+        from vtprune.bench.plots import plot_masks
+    except ImportError:
+        print("matplotlib is not installed: masks.png not written")
+        return
+    print(f"plot: {plot_masks(samples[:len(examples['unpruned']['masks'])], examples, out / 'masks.png')}")
+
+
 def _show(args: argparse.Namespace) -> None:
     from vtprune.bench import synthvqa as sv
     from vtprune.bench.evaluate import prompt_builder
@@ -114,6 +180,14 @@ def _methods(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    if args.model == "mini-lisa":
+        from vtprune import reference
+        from vtprune.reference.train_lisa import train_lisa_reference
+
+        metrics = train_lisa_reference(args.output or "runs/mini-lisa", base=args.base or reference.path(),
+                                       device=args.device, overwrite=args.overwrite)
+        print(json.dumps(metrics, indent=1))
+        return
     if args.model == "mini-llava-next":
         from vtprune import reference
         from vtprune.reference.train_next import train_next_reference
@@ -159,17 +233,27 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     defaults = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
-    bench = commands.add_parser("bench", **defaults, help="methods x budgets on SynthVQA: accuracy, FLOPs, latency, plots")
-    bench.add_argument("--model", help="a shipped reference model (mini-llava, mini-llava-next), a local path or a hub "
-                                       "id (default: mini-llava)")
-    bench.add_argument("--methods", nargs="+", help="registered method names (default: all)")
+    bench = commands.add_parser("bench", **defaults, help="methods x budgets on SynthVQA (accuracy) or SynthSeg "
+                                "(gIoU/cIoU): FLOPs, latency, plots")
+    bench.add_argument("--task", default="synthvqa", choices=["synthvqa", "synthseg"],
+                       help="synthvqa: question answering on a VLM; synthseg: referring segmentation on a LISA-style "
+                       "model (MiniLISA), budgets matched in image tokens per LLM layer")
+    bench.add_argument("--model", help="a shipped reference model (mini-llava, mini-llava-next; synthseg: mini-lisa), "
+                                       "a local path or a hub id (default: mini-llava; synthseg: mini-lisa)")
+    bench.add_argument("--methods", nargs="+", help="registered method names or variants name:key=value,... (default: "
+                                                    "all; synthseg: csp, fastv, pyramiddrop, ... first)")
     bench.add_argument("--budgets", nargs="+", type=_budget,
-                       help="budgets in each method's convention: counts (keep=, e.g. 64) or shares (ratio=, e.g. "
-                       "20%% or 0.2) (default: 64 128 144 192; 144 = 25%% of 576, ATP's target)")
+                       help="counts (keep=, e.g. 64) or shares (ratio=, e.g. 20%% or 0.2); synthvqa: in each "
+                       "method's convention (default: 64 128 144 192; 144 = 25%% of 576, ATP's target); synthseg: "
+                       "image tokens per LLM layer, averaged over layers (default: 35%% 30%% 20%%)")
+    bench.add_argument("--nominal-budgets", action="store_true",
+                       help="synthseg: pass each method the budget in its own convention instead of matching the "
+                       "layer average (rows still report the measured average)")
     bench.add_argument("--resolution", default="auto", choices=["auto", "base", "high"],
                        help="SynthVQA variant: 336-px scenes, or high-resolution ones (auto: high for LLaVA-NeXT "
                        "processors)")
-    bench.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="test questions (balanced families)")
+    bench.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
+                       help="test questions or SynthSeg prompts (balanced families)")
     bench.add_argument("--batch-size", type=int, default=16)
     bench.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     bench.add_argument("--dtype", default="float32", choices=DTYPES, help="model weights' dtype")
@@ -199,10 +283,10 @@ def main(argv: list[str] | None = None) -> None:
 
     train = commands.add_parser("train-reference", **defaults,
                                 help="retrain a shipped reference model (its recipe; MiniLLaVA from scratch)")
-    train.add_argument("--model", default="mini-llava", choices=["mini-llava", "mini-llava-next"])
+    train.add_argument("--model", default="mini-llava", choices=["mini-llava", "mini-llava-next", "mini-lisa"])
     train.add_argument("--output", help="folder for the new checkpoint (default: runs/<model>)")
-    train.add_argument("--base", help="mini-llava-next: the MiniLLaVA checkpoint it starts from (default: the shipped "
-                                      "one)")
+    train.add_argument("--base", help="mini-llava-next, mini-lisa: the MiniLLaVA checkpoint it starts from (default: "
+                                      "the shipped one)")
     train.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --output")
     train.add_argument("--device", default="cpu")
     train.add_argument("--vision-from", help="reuse stage (a)'s vision tower from this earlier checkpoint of the recipe")

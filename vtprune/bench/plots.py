@@ -1,6 +1,8 @@
-"""PNG plots of a bench report: accuracy vs kept tokens and vs FLOPs, and keep-frequency heatmaps."""
+"""PNG plots of a bench report: accuracy vs kept tokens and vs FLOPs, and keep-frequency heatmaps; for the
+segmentation bench, predicted masks beside the targets."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -87,5 +89,37 @@ def _plot_distribution(records: list[dict[str, Any]], path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_masks(samples: list, examples: dict[str, dict[str, list]], path: Path) -> Path:
+    """The segmentation bench's masks: one column per prompt (the first ``len(samples)``), one row for the ground
+    truth and one per configuration of ``examples`` ({label: {"masks": [bool [H, W]], "ious": [float]}}, from
+    ``seg_runner.run_seg_bench``). Each mask is filled over a dimmed grey copy of the image (target cyan, prediction
+    red, with the target's outline), so the scene's own colours never hide it."""
+    cols, rows = len(samples), 1 + len(examples)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.3 * rows + 0.5), squeeze=False)
+    panels = [("ground truth", [s.mask for s in samples], None)]
+    panels += [(label, shown["masks"], shown["ious"]) for label, shown in examples.items()]
+    backgrounds = [0.25 + 0.5 * np.asarray(s.image.convert("L"), dtype=np.float64) / 255 for s in samples]
+    for row, (label, masks, ious) in enumerate(panels):
+        for col, sample in enumerate(samples):
+            ax = axes[row, col]
+            ax.imshow(backgrounds[col], cmap="gray", vmin=0, vmax=1)
+            overlay = np.zeros((*masks[col].shape, 4))
+            overlay[masks[col]] = (0.0, 0.9, 1.0, 0.7) if ious is None else (1.0, 0.1, 0.1, 0.6)
+            ax.imshow(overlay)
+            if ious is not None and sample.mask.any():
+                ax.contour(sample.mask, levels=[0.5], colors="cyan", linewidths=0.8)
+            title = label if ious is None else f"{label}: IoU {ious[col]:.2f}"
+            if row == 0:
+                title = textwrap.fill(f"{sample.prompt} ({sample.family})", 34) + f"\n{title}"
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+    fig.suptitle("SynthSeg masks: target (cyan), predicted (red)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

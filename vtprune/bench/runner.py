@@ -89,6 +89,28 @@ def configs(methods: Sequence[str], budgets: Sequence[int | float]) -> list[Conf
         for m in methods for b in budgets]
 
 
+def is_learned(spec: str) -> bool:
+    """The method of ``spec`` learns its budget (``Method.learned_budget``): keep=/ratio= do not apply to it."""
+    return get_method(method_spec(spec)[0]).learned_budget
+
+
+def learned_configs(methods: Sequence[str], adapter) -> tuple[list[Config], dict[str, str]]:
+    """One configuration per learned-budget method of ``methods``, at the target its weights were trained for (as a
+    count of visual tokens), and {method: reason} for those without weights for ``adapter``'s model."""
+    todo, skipped = [], {}
+    for spec in filter(is_learned, methods):
+        name, params = method_spec(spec)
+        try:
+            resolved = get_method(name)(**params).resolved(adapter)
+        except ValueError as error:
+            skipped[spec] = str(error)
+            continue
+        target, visual = resolved.get("target"), adapter.fixed_tokens_per_image
+        label = round(target * visual) if target is not None and target <= 1 and visual else round(target or 0)
+        todo.append(Config(spec, label, params))
+    return todo, skipped
+
+
 def encode_batches(model, batches) -> dict[int, Any]:
     """ViT outputs of every batch, for configurations whose methods leave the ViT alone."""
     return {id(b["pixel_values"]): encode_batch(model, b) for b in batches}
@@ -146,24 +168,19 @@ def run_bench(
     speed_inputs = to_model(model, make_batches(processor, samples[:speed_samples], speed_samples, prompt)[0])
     vision_cache = encode_batches(model, batches)
     results = []
-    learned = {m for m in methods if get_method(method_spec(m)[0]).learned_budget}
-    todo, skipped = configs([m for m in methods if m not in learned], budgets), {}
-    for name in (m for m in methods if m in learned):
-        try:  # a learned budget: one configuration, at the target its weights were trained for
-            resolved = get_method(name)().resolved(adapter_for(model))
-        except ValueError as error:
-            skipped[name] = str(error)
-            continue
-        target, visual = resolved.get("target"), adapter_for(model).fixed_tokens_per_image
-        label = round(target * visual) if target is not None and target <= 1 and visual else round(target or 0)
-        todo.append(Config(name, label, {}))
+    learned, skipped = learned_configs(methods, adapter_for(model))
+    todo = configs([m for m in methods if not is_learned(m)], budgets) + learned
     bar = tqdm(todo, desc="vtprune bench", disable=not progress)
     for config in bar:
         bar.set_postfix_str(config.label)
         record = {"method": config.method or "unpruned", "budget": config.budget, "params": config.params}
         if config.method is not None:
             record["budget_convention"] = get_method(config.name).budget_convention
-            record["resolved"] = get_method(config.name)(**config.params).resolved(adapter_for(model))
+            try:
+                record["resolved"] = get_method(config.name)(**config.params).resolved(adapter_for(model))
+            except ValueError as error:  # a budget this method cannot reach on this model (csp below its floor)
+                skipped[config.label] = str(error)
+                continue
         record.update(evaluate(model, processor, samples, method=config.name, params=config.params,
                                scoring=scoring, prompt=prompt, batches=batches, vision_cache=vision_cache))
         record.update(measure_speed(model, config, speed_inputs, speed_repeats))

@@ -11,6 +11,7 @@ from vtprune.methods.base import (
     supported_methods,
 )
 from vtprune.methods.atp import ATP
+from vtprune.methods.csp import CSP
 from vtprune.methods.divprune import DivPrune
 from vtprune.methods.fastervlm import FasterVLM
 from vtprune.methods.fastv import FastV
@@ -23,6 +24,7 @@ from vtprune.methods.tome import ToMe
 
 __all__ = [
     "ATP",
+    "CSP",
     "REGISTRY",
     "DivPrune",
     "FastV",

@@ -20,19 +20,22 @@ def cls_attention(ctx: PreLLMContext, image: ImageTokens, block: int | None = No
 
 
 def attention_received(ctx: LayerContext, query: str = "last", *, layer: str = "previous", rope: bool = True,
-                       keys: str = "causal") -> torch.Tensor:
+                       keys: str = "causal", query_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Head-mean attention each token receives [B, n], recomputed from a decoder layer's own q/k with GQA.
 
     ``layer``: ``"previous"`` (layer ``ctx.layer - 1`` on its input: the attention that layer computed, FastV and
     FEATHER) or ``"current"`` (layer ``ctx.layer`` on the tokens about to enter it: the attention it is about to
     compute, PyramidDrop). ``query``: ``"last"`` (the last prompt token's row), ``"text"`` (mean over the text tokens
-    after the first visual token) or ``"all"`` (mean over all real rows). ``rope``: False scores q and k without
-    their rotary embedding (FEATHER). ``keys``: ``"causal"`` (softmax over every key a row sees) or ``"visual"``
+    after the first visual token), ``"all"`` (mean over all real rows) or ``"rows"`` (mean over the given
+    ``query_rows`` [B, q], indices into the current tokens, -1: none; not cached). ``rope``: False scores q and k
+    without their rotary embedding (FEATHER). ``keys``: ``"causal"`` (softmax over every key a row sees) or ``"visual"``
     (over the visual tokens only; other tokens score 0). Padding rows never count, so a left-padded row scores like
     the same prompt alone. Cached per option set in ``ctx.cache``.
     """
+    if (query == "rows") != (query_rows is not None):
+        raise ValueError("attention_received: query='rows' takes query_rows (and only it does)")
     cache_key = ("attention_received", query, layer, rope, keys)
-    if cache_key in ctx.cache:
+    if query != "rows" and cache_key in ctx.cache:
         return ctx.cache[cache_key]
     if layer == "previous":
         if ctx.previous_input is None:
@@ -44,13 +47,21 @@ def attention_received(ctx: LayerContext, query: str = "last", *, layer: str = "
         hidden, positions_rope, index = ctx.hidden_states, ctx.rope, ctx.layer
     batch, n = ctx.valid.shape
     order = torch.arange(n, device=ctx.valid.device)
-    rows = torch.full((batch, 1), n - 1, device=ctx.valid.device) if query == "last" else order.expand(batch, n)
+    if query == "rows":
+        rows = query_rows.clamp_min(0)
+    elif query == "last":
+        rows = torch.full((batch, 1), n - 1, device=ctx.valid.device)
+    else:
+        rows = order.expand(batch, n)
     key_mask = (order[None, :] <= rows[..., None]) & ctx.valid[:, None, :]
     if keys == "visual":
         key_mask &= ctx.visual[:, None, :]
     probs = ctx.adapter.llm_attention(index, hidden, positions_rope if rope else None, rows, key_mask).mean(1)
     if query == "last":
         score = probs[:, 0]
+    elif query == "rows":
+        use = (query_rows >= 0).to(probs.dtype)
+        return (probs * use[..., None]).sum(1) / use.sum(1, keepdim=True).clamp_min(1)
     else:
         first_visual = torch.where(ctx.visual.any(1), ctx.visual.float().argmax(1), n)
         use = ctx.valid.clone()

@@ -11,6 +11,7 @@ from vtprune.ops.allocation import (
     view_budgets,
 )
 from vtprune.ops.attention import apply_rotary, attention_probs, reweight_keys, rotate_half
+from vtprune.ops.clusters import nearest_by_cosine, nearest_point, stride_membership, stride_representatives
 from vtprune.ops.diversity import max_min_diversity
 from vtprune.ops.grid import (
     pool_budgets,
@@ -44,6 +45,8 @@ __all__ = [
     "merge_destination",
     "merge_sum",
     "merge_weighted_mean",
+    "nearest_by_cosine",
+    "nearest_point",
     "pool_budgets",
     "pool_grid",
     "pool_grid_shape",
@@ -56,6 +59,8 @@ __all__ = [
     "sparsest_grid_stride",
     "split_budget",
     "split_by_content",
+    "stride_membership",
+    "stride_representatives",
     "topk_indices",
     "uniform_grid_indices",
     "view_budgets",

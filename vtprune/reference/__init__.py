@@ -26,9 +26,11 @@ MODELS = {
     "mini-llava": "LLaVA-1.5-style, CLIP ViT 24x24 grid (576 tokens) + 8-layer Llama, trained on SynthVQA",
     "mini-llava-next": "LLaVA-NeXT-style: base view + 336-px crops on 1x2/2x1/2x2 grids (1,752-2,928 tokens), "
                        "from MiniLLaVA, trained on high-resolution SynthVQA",
+    "mini-lisa": "LISA-style segmentation: MiniLLaVA + a [SEG] token whose last hidden state drives a mask decoder, "
+                 "trained on SynthSeg (load_reference returns a MiniLisa; prune its .vlm)",
 }
 #: the SynthVQA variant each reference model is trained and measured on (``synthvqa.load_split(resolution=)``)
-RESOLUTION = {"mini-llava": "base", "mini-llava-next": "high"}
+RESOLUTION = {"mini-llava": "base", "mini-llava-next": "high", "mini-lisa": "base"}
 
 
 def path(name: str = "mini-llava") -> Path:
@@ -44,10 +46,15 @@ def path(name: str = "mini-llava") -> Path:
 
 def load_reference(name: str = "mini-llava", *, device: str | torch.device = "cpu",
                    dtype: torch.dtype = torch.float32):
-    """(model, processor) of a shipped reference model, in eval mode."""
+    """(model, processor) of a shipped reference model, in eval mode. ``mini-lisa`` gives a
+    :class:`vtprune.reference.lisa.MiniLisa` (apply pruners to its ``.vlm``)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     folder = path(name)
+    if name == "mini-lisa":
+        from vtprune.reference.lisa import MiniLisa
+
+        return MiniLisa.from_pretrained(folder, dtype=dtype).to(device).eval(), AutoProcessor.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device).eval()
     return model, AutoProcessor.from_pretrained(folder)
 

@@ -33,18 +33,20 @@ CHAT_TEMPLATE = (
 
 # ------------------------------------------------------------------ tokenizer / processor / config
 
-def vocabulary() -> list[str]:
-    """Every token id, in order; special tokens first so their ids never move when SynthVQA grows."""
+def vocabulary(extra: tuple[str, ...] = ()) -> list[str]:
+    """Every token id, in order; special tokens first so their ids never move when SynthVQA grows. ``extra`` words
+    (MiniLISA's) come last, so a model extended with them keeps every id it had."""
     words = list(SPECIAL_TOKENS) + list(ROLE_TOKENS) + sv.question_vocabulary() + sv.answer_vocabulary()
-    return list(dict.fromkeys(words))
+    return list(dict.fromkeys(words + list(extra)))
 
 
-def build_tokenizer():
-    """Word-level tokenizer: SynthVQA is a closed vocabulary, so one id per word keeps answers single tokens."""
+def build_tokenizer(extra: tuple[str, ...] = ()):
+    """Word-level tokenizer: SynthVQA is a closed vocabulary, so one id per word keeps answers single tokens.
+    ``extra``: words appended after SynthVQA's (see ``vocabulary``)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = {w: i for i, w in enumerate(vocabulary(extra))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # split on whitespace only, so "USER:" and "top-left" stay single words
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -432,22 +432,12 @@ class _PrefixLM:
         prefix_pos = torch.cat([torch.arange(head_len, device=device).expand(b, -1), head_len + keep], 1)
         return self.projector(feats.to(self.head.weight.dtype)), prefix_pos
 
-    def logits(self, feats: torch.Tensor, packed: dict[str, torch.Tensor],
-               ground_layers: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """feats [B,576,Dv] + a :func:`_pack` batch -> (next-token logits [questions, V], grounding).
-
-        When the batch was packed ``with_answers``, the logits are [questions, 2, V]: at the answer
-        position (target: the answer) and at the answer token (target: ``</s>``).
-
-        ``grounding`` [questions, layers, heads, 2] is the attention mass that each question's answer
-        position puts, in ``ground_layers``, on its relevant patches and on its own question's tokens
-        (None when no layer is asked).
-        """
+    def _run(self, feats: torch.Tensor, packed: dict[str, torch.Tensor], ground_layers: Sequence[int] = ()):
+        """The packed continuation's last hidden states [B, width, D], the prefix embeddings, the KV cache, and
+        the inputs of ``ground_layers`` ({layer: (hidden, rope)})."""
         device = feats.device
         embed = self.lm.get_input_embeddings()
-        b = feats.shape[0]
-        head = embed(self.head_ids.to(device)).unsqueeze(0).expand(b, -1, -1)
-        head_len = len(self.head_ids)
+        head = embed(self.head_ids.to(device)).unsqueeze(0).expand(feats.shape[0], -1, -1)
         img, prefix_pos = self.image_tokens(feats, packed)
         prefix = torch.cat([head.to(img.dtype), img], dim=1)
         cache = self._cache_cls(config=self.lm.config)
@@ -467,6 +457,27 @@ class _PrefixLM:
         finally:
             for h in handles:
                 h.remove()
+        return hidden, prefix, cache, captured
+
+    def question_hidden(self, feats: torch.Tensor, packed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last hidden state at each packed question's last token [questions, D] (MiniLISA: the [SEG] token)."""
+        hidden = self._run(feats, packed)[0]
+        return hidden[packed["q_row"].to(feats.device), packed["q_last"].to(feats.device)]
+
+    def logits(self, feats: torch.Tensor, packed: dict[str, torch.Tensor],
+               ground_layers: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """feats [B,576,Dv] + a :func:`_pack` batch -> (next-token logits [questions, V], grounding).
+
+        When the batch was packed ``with_answers``, the logits are [questions, 2, V]: at the answer
+        position (target: the answer) and at the answer token (target: ``</s>``).
+
+        ``grounding`` [questions, layers, heads, 2] is the attention mass that each question's answer
+        position puts, in ``ground_layers``, on its relevant patches and on its own question's tokens
+        (None when no layer is asked).
+        """
+        device = feats.device
+        b, head_len = feats.shape[0], len(self.head_ids)
+        hidden, prefix, cache, captured = self._run(feats, packed, ground_layers)
         q_row, q_last = packed["q_row"].to(device), packed["q_last"].to(device)
         if "answer_at" in packed:  # teacher-forced answers: also the logits that must predict </s>
             logits = self.head(hidden[q_row[:, None], torch.stack([q_last, packed["answer_at"].to(device)], 1)])

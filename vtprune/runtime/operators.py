@@ -139,7 +139,9 @@ class LayerContext:
     stage attached per token (0 for others); ``image_candidates`` [B, G]: candidates each image had when it entered
     the LLM (budgets are per image);
     ``rows``: each token's row in the LLM-input sequence (``universe_hidden`` [B, n0, D] holds that sequence's
-    layer-0 states, for operators that bring skipped tokens back); ``previous_input``: (hidden, rope) entering layer
+    layer-0 states, for operators that bring skipped tokens back; ``universe_tags`` the pre-LLM tags over it);
+    ``token_ids``: each token's prompt token id (-1 visual and padding; None when the call gave no input ids), to
+    find a given token such as a [SEG] query; ``previous_input``: (hidden, rope) entering layer
     ``layer - 1`` when the operator asked for it; ``training``: trainable operators should return soft weights;
     ``weight``: the soft keep weight each token carries from earlier training-mode transitions (None: all 1).
     """
@@ -163,6 +165,8 @@ class LayerContext:
     rows: torch.Tensor
     universe_hidden: torch.Tensor
     universe_visual: torch.Tensor
+    universe_tags: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_ids: torch.Tensor | None = None
     previous_input: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
     training: bool = False
     weight: torch.Tensor | None = None

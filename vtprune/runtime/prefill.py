@@ -72,7 +72,9 @@ class Universe:
     operators decide over; ``group``: a visual token's
     (image, grid, row) group id, for a separator the group it closes; ``grid_group``: a content token's (image, grid)
     id; ``visual_index``: its row in ``sources[b]``, which gives every visual token's weights over the sample's
-    layout tokens (images concatenated); ``shift`` [B]: original next position minus this sequence's (renumbering).
+    layout tokens (images concatenated); ``shift`` [B]: original next position minus this sequence's (renumbering);
+    ``token_ids``: the prompt's token id of every text token (-1 visual and padding), for operators whose query is a
+    given token (LVLM_CSP's [SEG]); None when the input ids were not given.
     """
 
     hidden: torch.Tensor
@@ -95,6 +97,7 @@ class Universe:
     sources: list[Sources]
     layout_sizes: list[list[int]]
     images: list[list[PlacedImage]]
+    token_ids: torch.Tensor | None = None
 
     @property
     def visual(self) -> torch.Tensor:
@@ -154,9 +157,11 @@ def build_universe(
     policy: str,
     renumber_positions: bool,
     seed: int,
+    input_ids: torch.Tensor | None = None,
 ) -> Universe:
     """The LLM-input sequence: text tokens as they are, each image's placeholder run replaced by its reduced
-    tokens. ``positions`` [P, B, n]: the model's own position ids for the full prompt."""
+    tokens. ``positions`` [P, B, n]: the model's own position ids for the full prompt; ``input_ids`` [B, n] (optional):
+    the prompt's ids, read back as ``Universe.token_ids``."""
     batch, device = embeds.shape[0], embeds.device
     spans = [embeds[image.sample, image.start:image.start + image.length] for image in placed]
     tokens = [_image_tokens(image, span, policy) for image, span in zip(placed, spans)]
@@ -241,11 +246,15 @@ def build_universe(
         new_positions = renumbered
     image_rows = stack("image", -1)
     candidate = stack("candidate", False)
+    origin = stack("origin", -1)
+    token_ids = None
+    if input_ids is not None:
+        token_ids = input_ids.to(device).gather(1, origin.clamp_min(0)).masked_fill((origin < 0) | ~new_valid, -1)
     count = max([image.number + 1 for image in placed] + [1])
     image_candidates = torch.zeros(batch, count, dtype=torch.long, device=device)
     image_candidates.scatter_add_(1, image_rows.clamp_min(0), candidate.long())
     return Universe(
-        hidden=stack("hidden", 0.0), positions=new_positions.contiguous(), valid=new_valid, origin=stack("origin", -1),
+        hidden=stack("hidden", 0.0), positions=new_positions.contiguous(), valid=new_valid, origin=origin,
         image=image_rows, kind=stack("kind", -1), partition=stack("partition", -1), grid=stack("grid", -1),
         row=stack("row", -1), col=stack("col", -1), tags={name: stack("tag:" + name, 0.0) for name in tag_names},
         candidate=candidate,
@@ -253,7 +262,7 @@ def build_universe(
         image_candidates=image_candidates, shift=shift,
         sources=[Sources.cat(s) if s else Sources.one_hot(torch.zeros(0, dtype=torch.long, device=device))
                  for s in sources],
-        layout_sizes=sizes, images=images,
+        layout_sizes=sizes, images=images, token_ids=token_ids,
     )
 
 

@@ -386,7 +386,8 @@ class Pruner:
                              "processor.tokenizer.padding_side = 'left'")
         positions = self.adapter.positions_in(kwargs.get("position_ids"), batch, length, 0, embeds.device)
         universe = build_universe(self.adapter, embeds, valid, positions, placed, self.pre_llm_op, self.separators,
-                                  self.positions == "renumber", getattr(self.method, "seed", 0) or 0)
+                                  self.positions == "renumber", getattr(self.method, "seed", 0) or 0,
+                                  input_ids=call.input_ids)
         call.prefill = Prefill.start(universe, positions[0, :, -1] + 1, length)
         kwargs.update(inputs_embeds=universe.hidden, attention_mask=None,
                       position_ids=self.adapter.positions_out(universe.positions))
@@ -462,6 +463,8 @@ class Pruner:
             tags={name: tokens.lookup(tag) * tokens.valid for name, tag in universe.tags.items()},
             image_candidates=universe.image_candidates, positions=tokens.positions, rope=rope,
             rows=tokens.rows, universe_hidden=universe.hidden, universe_visual=universe.visual,
+            universe_tags=universe.tags,
+            token_ids=None if universe.token_ids is None else tokens.lookup(universe.token_ids),
             previous_input=prefill.layer_inputs.get(index - 1), training=self._soft, weight=tokens.weight,
         )
 

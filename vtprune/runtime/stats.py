@@ -2,6 +2,7 @@
 so a run that never reads its stats pays nothing for them."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 
 import torch
@@ -15,7 +16,8 @@ class Stats:
 
     - ``visual_tokens`` [B, L]: visual tokens entering each decoder layer; ``original_visual_tokens`` [B]: the
       placeholder tokens the prompt had; ``llm_input_visual_tokens`` / ``mean_visual_tokens``: the two budget
-      conventions (tokens entering the LLM; layer average).
+      conventions (tokens entering the LLM; layer average); ``tokens`` [B, L]: all tokens (text and visual) entering
+      each layer; ``visual_flops(layer_flops)``: the prefill FLOPs due to visual tokens, pruned and unpruned.
     - ``tokens_per_image[b]`` [images, L] and ``tokens_per_partition[b][i]`` [partitions, L]: the same per image and
       per view of the image (LLaVA-NeXT: 0 = base image, k = k-th crop; Qwen video: frames); ``separator_tokens``
       [B, L]: LLaVA-NeXT newline tokens among the visual tokens.
@@ -91,6 +93,27 @@ class Stats:
     def mean_visual_tokens(self) -> torch.Tensor:
         """Layer-averaged visual tokens (SparseVLM / PyramidDrop / MustDrop budget convention) [B]."""
         return self.visual_tokens.float().mean(dim=1)
+
+    @cached_property
+    def tokens(self) -> torch.Tensor:
+        """Real tokens (text and visual) entering each decoder layer [B, L]."""
+        return torch.stack([(self._prefill.tracks[layer][0] >= 0).sum(1) for layer in range(self._layers)], 1).cpu()
+
+    def visual_flops(self, layer_flops: Callable[[float], float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pruned, unpruned) [B] (float64): the prefill FLOPs visual tokens add to the text, summed over layers:
+        ``layer_flops(n_l) - layer_flops(n_l - v_l)`` with n_l tokens and v_l visual tokens entering layer l; unpruned:
+        the same with every original visual token at every layer. ``layer_flops`` gives one decoder layer's FLOPs for
+        n tokens, e.g. ``functools.partial(vtprune.bench.flops.layer_flops, hidden=d, kv_width=d_kv, mlp=m)``. The
+        image-token FLOPs reduction is ``1 - pruned / unpruned``."""
+        text = (self.tokens - self.visual_tokens).double()
+        visual, original = self.visual_tokens.double(), self.original_visual_tokens.double()[:, None]
+
+        def added(count: torch.Tensor) -> torch.Tensor:
+            per_layer = [[layer_flops(float(t + v)) - layer_flops(float(t)) for t, v in zip(row_t, row_v)]
+                         for row_t, row_v in zip(text.tolist(), count.tolist())]
+            return torch.tensor(per_layer, dtype=torch.float64).sum(1)
+
+        return added(visual), added(original.expand_as(visual))
 
     @cached_property
     def sources(self) -> list[Sources]:
