@@ -17,7 +17,8 @@ from vtprune.bench.runner import format_table, readme_table, run_bench, save_rep
 RECORD_KEYS = {
     "method", "budget", "params", "accuracy", "retention", "per_family", "grounded_recall",
     "visual_tokens_per_layer", "llm_input_visual_tokens", "mean_visual_tokens", "prefill_tflops", "flops_ratio",
-    "latency_ms", "latency_ratio", "kv_cache_mb", "peak_memory_mb", "keep_frequency",
+    "latency_ms", "latency_ratio", "latency_ratio_spread", "kv_cache_mb", "peak_memory_mb", "keep_frequency",
+    "merges_tokens", "seconds",
 }
 
 
@@ -55,8 +56,19 @@ def test_report_schema_and_token_accounting(report, tmp_path):
     assert results[5]["kv_cache_mb"] < base["kv_cache_mb"]
     path = save_report(report, tmp_path)
     assert json.loads(path.read_text())["results"][1]["budget"] == 64
-    assert "fastv@64" in format_table(report)
+    table = format_table(report)
+    assert "fastv@64" in table and "\nchance " in table
+    legend = table[table.index("columns:"):]
+    for column in ("acc", "ret%", "recall", "tok/L0", "tok/avg", "FLOPs", "lat", "lat±", "KV MB"):
+        assert f"\n  {column} " in legend and column in report["legend"]
+    assert json.loads(path.read_text())["legend"] == report["legend"]
     assert fastv64["resolved"] == {"layer": 1} and base.get("resolved") is None
+    # merging is flagged (recall and heatmaps then weigh a patch by its share of the token); dropping is not
+    assert [r["merges_tokens"] for r in results] == [False, False, False, True, True, True, True]
+    for record in results:  # CPU: no allocator peak exists, so none is claimed (never a misleading 0)
+        assert record["peak_memory_mb"] is None
+        low, high = record["latency_ratio_spread"]
+        assert 0 < low <= record["latency_ratio"] <= high
     chance = np.mean([synthvqa.chance_rate(s.family) for s in synthvqa.load_split("test", 6)])
     assert f"| chance (a uniform guess among each question's choices) | {100 * chance:.1f} |" in readme_table(report)
     for record in results:  # the kept share's bottom half: all of it for unpruned -> 0.5 exactly
@@ -114,8 +126,11 @@ def test_show_writes_overlay(method, tmp_path):
     from PIL import Image
 
     picture = np.asarray(Image.open(path).convert("RGB")).astype(float)
-    overlay = picture[40:, 336 + 8:]
-    original = picture[40:, :336]
+    from vtprune.bench.show import HEADER
+
+    assert (picture[:HEADER] < 100).any() and (picture[HEADER + 336:] < 100).any()  # caption above, legend below
+    overlay = picture[HEADER:HEADER + 336, 336 + 8:]
+    original = picture[HEADER:HEADER + 336, :336]
     assert overlay.shape == original.shape == (336, 336, 3)
     dimmed = overlay.mean() < original.mean() * 0.9  # fastv: 512 of 576 patches dimmed
     outlined = (overlay == [255, 255, 0]).all(-1).sum() > 100  # tome: merged groups outlined in yellow
@@ -170,3 +185,34 @@ def test_tokens_entering_the_llm_are_reported_by_view(report):
     assert by_label["unpruned@None"]["llm_input_tokens_by_view"] == {"base": 576, "crops": 0, "separators": 0}
     assert by_label["pool@64"]["llm_input_tokens_by_view"] == {"base": 64, "crops": 0, "separators": 0}
     assert by_label["fastv@64"]["llm_input_tokens_by_view"]["base"] == 576  # FastV drops inside the LLM
+
+
+def test_every_configuration_is_checked_before_it_runs():
+    """`plan` refuses what apply() would refuse, on a weightless skeleton too, so the CLI can check before loading."""
+    from vtprune.bench.runner import plan
+
+    config = reference.build_config(vision_hidden=32, vision_layers=6, text_hidden=64, text_layers=4,
+                                    text_intermediate=128)
+    with torch.device("meta"):
+        skeleton = LlavaForConditionalGeneration(config).eval()
+    todo, skipped = plan(skeleton, ["tome", "fastv"], [8, 64])
+    assert [c.label for c in todo] == ["unpruned", "tome@64", "fastv@8", "fastv@64"]
+    assert set(skipped) == {"tome@8"} and "use keep >= " in skipped["tome@8"]
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        plan(skeleton, ["nope"], [64])
+
+
+def test_latency_warning_when_the_unpruned_row_is_off():
+    from vtprune.bench.runner import latency_warning
+
+    assert latency_warning({"latency_ratio": 1.02, "latency_ratio_spread": [0.97, 1.06]}) is None
+    warning = latency_warning({"latency_ratio": 0.91, "latency_ratio_spread": [0.85, 1.04]})
+    assert "gives 0.91 (range 0.85-1.04) instead of 1.00" in warning and "idle" in warning
+
+
+def test_show_samples_are_different_scenes():
+    from vtprune.bench.show import scene_sample
+
+    picked = [scene_sample(i) for i in range(4)]
+    assert len({s.scene_seed for s in picked}) == 4
+    assert picked[0].question == synthvqa.load_split("test", 1)[0].question

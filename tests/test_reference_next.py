@@ -168,7 +168,7 @@ def test_shipped_next_checkpoint_reproduces_recorded_subset_and_beats_its_base_v
 def test_show_draws_the_base_view_and_the_crops(tmp_path):
     from PIL import Image
 
-    from vtprune.bench.show import show
+    from vtprune.bench.show import FOOTER, HEADER, show
 
     _, model = _tiny_next()
     sample = sv.load_split("test", 1, resolution="high")[0]
@@ -176,8 +176,9 @@ def test_show_draws_the_base_view_and_the_crops(tmp_path):
                 keep=300)
     picture = np.asarray(Image.open(path).convert("RGB")).astype(float)
     width, height = sample.image.size
-    assert picture.shape == (height + 40, 3 * width + 16, 3)
-    original, base, crops = (picture[40:, i * (width + 8):i * (width + 8) + width] for i in range(3))
+    assert picture.shape == (HEADER + height + FOOTER, 3 * width + 16, 3)
+    original, base, crops = (picture[HEADER:HEADER + height, i * (width + 8):i * (width + 8) + width]
+                             for i in range(3))
     # 300 of 576 + crop tokens survive: both panels are partly dimmed, differently
     assert base.mean() < original.mean() * 0.95 and crops.mean() < original.mean() * 0.95
     assert not np.array_equal(base, crops)

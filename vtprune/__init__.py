@@ -7,15 +7,31 @@
 """
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from vtprune.methods import REGISTRY, Method, get_method, support_matrix
-from vtprune.methods.compose import Composite, compose
-from vtprune.runtime import Pruner, Stats
+    from vtprune.methods import Method
+    from vtprune.runtime import Pruner
 
 __version__ = "0.1.0"
+
+# Imported on first use, so that `vtprune --help` and `vtprune --version` do not wait for torch.
+_LAZY = {
+    "REGISTRY": "vtprune.methods", "Method": "vtprune.methods", "get_method": "vtprune.methods",
+    "support_matrix": "vtprune.methods", "Composite": "vtprune.methods.compose", "compose": "vtprune.methods.compose",
+    "Pruner": "vtprune.runtime", "Stats": "vtprune.runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vtprune' has no attribute {name!r}")
 
 
 def apply(model: nn.Module, method: str | Method, **params: Any) -> Pruner:
@@ -24,6 +40,9 @@ def apply(model: nn.Module, method: str | Method, **params: Any) -> Pruner:
 
     Parameters are validated before anything is installed, so a bad call leaves the model untouched.
     """
+    from vtprune.methods import Method, get_method
+    from vtprune.runtime import Pruner
+
     if isinstance(method, str):
         method = get_method(method)(**params)
     elif params:
@@ -35,7 +54,21 @@ def apply(model: nn.Module, method: str | Method, **params: Any) -> Pruner:
 
 def methods() -> list[dict[str, Any]]:
     """The registry: each method's name, stages, paper, budget convention and parameters with defaults."""
+    from vtprune.methods import REGISTRY
+
     return [REGISTRY[name].describe() for name in sorted(REGISTRY)]
 
+
+class _Package(types.ModuleType):
+    """Keeps ``vtprune.methods`` the function above: importing the subpackage ``vtprune.methods`` would otherwise
+    set the attribute to the module (the subpackage stays in ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "methods" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = ["Composite", "Method", "Pruner", "Stats", "apply", "compose", "methods", "support_matrix"]

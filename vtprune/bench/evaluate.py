@@ -192,7 +192,8 @@ def evaluate(
     Returns ``accuracy`` with its bootstrap 95% interval ``accuracy_ci``, ``per_family`` accuracies and ``correct``
     (0/1 per sample, for paired comparisons); with ``token_stats`` also ``grounded_recall`` (mean over question-
     relevant tokens of the share of an alive token they make up: 1 when kept as their own token, 1/m when one of m
-    tokens merged evenly into one, 0 when dropped), visual tokens per LLM layer, analytic prefill TFLOPs and
+    tokens merged evenly into one, 0 when dropped; ``merges_tokens``: whether any patch shared a token), visual
+    tokens per LLM layer, analytic prefill TFLOPs and
     ``keep_frequency`` (that share on the first grid, averaged over samples) with ``kept_bottom_half``, the part of
     it in the grid's bottom half (FEATHER's positional-bias diagnostic; 0.5 for an even spread). ``batches``/``vision_cache``: the
     processed batches and their encoded images, when the caller reuses them across configurations.
@@ -207,6 +208,7 @@ def evaluate(
     image_token = model.config.image_token_id
     choice_ids: dict[tuple[str, str], list[int]] = {}
     correct, predictions, recall, flops, per_layer, heat, by_view = [], [], [], [], [], [], []
+    merges = False
     was_training = model.training
     model.eval()
     offset = 0
@@ -262,6 +264,7 @@ def evaluate(
                     entering = stats.tokens_per_partition[b][0][:, 0]
                     separators = int(visual[0] - entering.sum())
                 by_view.append((float(entering[0]), float(entering[1:].sum()), separators))
+                merges |= bool(((share > 1e-6) & (share < 1 - 1e-6)).any())  # a patch is part of a merged token
                 base, hit = _grid_maps(layout, share, sample.relevant_patches)
                 heat.append(base)
                 per_layer.append(visual)
@@ -286,6 +289,8 @@ def evaluate(
         frequency = np.mean(heat, axis=0) if len(shapes) == 1 else None
         result.update({
             "grounded_recall": float(np.mean(recall)) if recall else None,
+            # patches shared a token with others: keep_frequency and recall then weigh each by its share
+            "merges_tokens": merges,
             "visual_tokens_per_layer": [round(float(v), 2) for v in profile],
             # per image (sample): what adaptive methods vary; [p10, p50, p90] per layer and each sample's layer mean
             "visual_tokens_per_layer_spread": np.percentile(per_layer, [10, 50, 90], axis=0).T.round(1).tolist(),

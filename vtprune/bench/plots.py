@@ -22,7 +22,8 @@ def _by_method(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 
 def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Writes accuracy_vs_tokens.png, accuracy_vs_flops.png and keep_frequency.png; returns their paths."""
+    """Writes accuracy_vs_tokens.png, accuracy_vs_flops.png and keep_frequency.png (one panel per method at its
+    smallest budget, with a colour bar; merging methods' panels say so); returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     base = report["results"][0]
     groups = _by_method(report)
@@ -36,6 +37,9 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
             records = sorted(records, key=lambda r: r[x_key])
             ax.plot([r[x_key] for r in records], [100 * r["accuracy"] for r in records], marker="o", label=method)
         ax.axhline(100 * base["accuracy"], color="black", linestyle="--", label="unpruned")
+        if report.get("chance") and report.get("families_of_samples"):
+            chance = np.mean([report["chance"][f] for f in report["families_of_samples"]])
+            ax.axhline(100 * chance, color="grey", linestyle=":", label="chance")
         ax.set_xlabel(x_label)
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"SynthVQA test subset ({report['samples']} questions)")
@@ -52,13 +56,28 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    image = None
     for ax, method in zip(axes.flat, methods):
         record = min(groups[method], key=lambda r: r["budget"])
-        ax.imshow(np.array(record["keep_frequency"]), vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"{method} @ {record['budget']}", fontsize=9)
-    fig.suptitle("share of images in which a patch feeds a token alive after the last layer (smallest budget)",
-                 fontsize=10)
-    fig.tight_layout()
+        if record.get("keep_frequency") is None:  # images of different grids: no common map
+            continue
+        frequency = np.array(record["keep_frequency"])
+        image = ax.imshow(frequency, vmin=0, vmax=1, cmap="viridis")
+        title = f"{method} @ {record['budget']}"
+        if record.get("merges_tokens"):
+            # a merged patch counts by its share of the token: pooling 3x3 everywhere is a flat 1/9, not a bug
+            title += "\nmerged: shade = patch's share of its token"
+            if np.ptp(frequency) < 0.02:
+                ax.text(frequency.shape[1] / 2, frequency.shape[0] / 2,
+                        f"every patch: {frequency.mean():.2f}\nof a merged token", ha="center", va="center",
+                        fontsize=8, color="white")
+        ax.set_title(title, fontsize=8)
+    fig.suptitle(textwrap.fill("weight of each patch in the tokens alive after the last layer, averaged over images "
+                               "(smallest budget; 1 = kept as its own token in every image, 0 = always dropped)",
+                               40 * cols), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.9, 0.97))
+    if image is not None:
+        fig.colorbar(image, cax=fig.add_axes((0.92, 0.15, 0.015, 0.7)), label="patch weight kept")
     paths.append(out_dir / "keep_frequency.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)

@@ -3,12 +3,17 @@
 Per configuration (answers scored by :mod:`vtprune.bench.evaluate`): accuracy overall and per family, retention (% of
 the unpruned accuracy), both with bootstrap 95% intervals, grounded recall (question-relevant tokens weighted by the
 share they make up of an alive token), visual tokens per LLM layer, analytic prefill FLOPs (``flops.py``), prefill
-latency as a ratio to the unpruned model timed interleaved with it, KV-cache size after prefill and peak memory of
-the prefill.
+latency as a ratio to the unpruned model timed interleaved with it (median of paired repetitions, with their range),
+KV-cache size after prefill and, on CUDA, peak memory of the prefill. ``LEGEND`` defines every column; it is printed
+under the table and stored in the JSON. With a ``ResultStream`` (``resume.py``) each configuration is written to disk
+as it finishes and a rerun skips the ones already there.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import statistics
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,10 +30,34 @@ from vtprune.bench.evaluate import encode_batch, evaluate, make_batches, prompt_
 from vtprune.bench.decode import measure_decode
 from vtprune.bench.intervals import bootstrap_interval
 from vtprune.bench.memory import PeakMemory
+from vtprune.bench.resume import ResultStream
 from vtprune.methods import get_method
 from vtprune.models import adapter_for
 
 DEFAULT_BUDGETS = (64, 128, 144, 192)
+# the unpruned model timed against itself should give 1.00; further off than this, latency ratios are noise
+LATENCY_TOLERANCE = 0.05
+LEGEND = {
+    "config": "method@budget, the budget in the method's own convention (64: keep=64; 20%: ratio=0.2); unpruned: "
+              "the model as it is",
+    "acc": "accuracy on the test questions, %",
+    "±": "half-width of the bootstrap 95% interval of the column to its left (accuracy, retention), points",
+    "ret%": "retention: accuracy over the unpruned model's on the same questions, % (interval paired)",
+    "attr exist count spat loc read": "accuracy per question family (attribute, existence, counting, spatial, "
+                                      "localisation, reading), %",
+    "recall": "grounded recall, %: the question-relevant patches, each counted by the share it makes up of a visual "
+              "token alive after the last layer (kept as its own token: 1; merged evenly with 8 others: 1/9; "
+              "dropped: 0), so merging methods are not credited as if they kept every patch",
+    "bot%": "share of the surviving tokens' weight that comes from the image grid's bottom half, % (50: an even "
+            "spread; FEATHER's diagnostic of RoPE bias)",
+    "tok/L0": "visual tokens per image entering the LLM (its first layer)",
+    "tok/avg": "visual tokens per image averaged over all LLM layers",
+    "FLOPs": "analytic prefill FLOPs of the LLM (vtprune/bench/flops.py) as a fraction of the unpruned model's",
+    "lat": "prefill latency (vision tower included) over the unpruned model's, timed interleaved with it: the median "
+           "of the paired repetitions' ratios; 1.00 on the unpruned row unless the machine is noisy",
+    "lat±": "half the range of those paired ratios: the timing noise of this row",
+    "KV MB": "KV-cache size after prefill of the speed batch, MB",
+}
 
 
 @dataclass
@@ -105,6 +134,8 @@ def learned_configs(methods: Sequence[str], adapter) -> tuple[list[Config], dict
         except ValueError as error:
             skipped[spec] = str(error)
             continue
+        except NotImplementedError:  # a meta-device skeleton: the weights' target is read when the model is real
+            continue
         target, visual = resolved.get("target"), adapter.fixed_tokens_per_image
         label = round(target * visual) if target is not None and target <= 1 and visual else round(target or 0)
         todo.append(Config(spec, label, params))
@@ -116,9 +147,11 @@ def encode_batches(model, batches) -> dict[int, Any]:
     return {id(b["pixel_values"]): encode_batch(model, b) for b in batches}
 
 
-def measure_speed(model, config: Config, inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
-    """Prefill latency of ``config`` and of the unpruned model: best of ``repeats`` runs each, interleaved so that
-    drift and interference hit both alike; KV-cache size after prefill; peak memory of one prefill."""
+def measure_speed(model, config: Config, inputs: dict[str, torch.Tensor], repeats: int) -> dict[str, Any]:
+    """Prefill latency of ``config`` and of the unpruned model, ``repeats`` runs each, interleaved so that drift and
+    interference hit both alike: the median of the paired ratios and their range; KV-cache size after prefill; on
+    CUDA the allocator's peak memory of one prefill (``None`` on CPU: the process's peak RSS does not move when the
+    allocator reuses memory freed by earlier prefills, so it would read as a misleading zero)."""
     baseline = Config(None, None, {})
 
     def prefill(cfg: Config) -> tuple[float, Any]:
@@ -132,16 +165,43 @@ def measure_speed(model, config: Config, inputs: dict[str, torch.Tensor], repeat
     for _ in range(repeats):
         times.append(prefill(config)[0])
         base_times.append(prefill(baseline)[0])
-    with PeakMemory(inputs["input_ids"].device) as memory:
+    device = inputs["input_ids"].device
+    with PeakMemory(device) if device.type == "cuda" else contextlib.nullcontext() as memory:
         _, cache = prefill(config)
     kv_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-    latency, base_latency = min(times), min(base_times)
+    ratios = sorted(t / b for t, b in zip(times, base_times))
     return {
-        "latency_ms": latency * 1e3,
-        "latency_ratio": latency / base_latency,
+        "latency_ms": statistics.median(times) * 1e3,
+        "latency_ratio": statistics.median(ratios),
+        "latency_ratio_spread": [ratios[0], ratios[-1]],
         "kv_cache_mb": kv_bytes / 2**20,
-        "peak_memory_mb": memory.peak_mb,
+        "peak_memory_mb": None if memory is None else memory.peak_mb,
     }
+
+
+def plan(model, methods: Sequence[str], budgets: Sequence[int | float]) -> tuple[list[Config], dict[str, str]]:
+    """The configurations to run on ``model`` (the unpruned one first), and {label: reason} for those it cannot run.
+
+    Each is installed and removed once, so whatever ``vtprune.apply`` would refuse (a budget out of reach, a method
+    the model family does not support) shows here, before anything is measured. ``model`` may be a skeleton on the
+    meta device (``torch.device("meta")``, no weights): checks that need weights are then left to the run."""
+    adapter = adapter_for(model)
+    learned, skipped = learned_configs(methods, adapter)
+    todo = []
+    for config in configs([m for m in methods if not is_learned(m)], budgets) + learned:
+        if config.method is not None:
+            try:
+                method = get_method(config.name)(**config.params)
+                method.resolved(adapter)
+                if not method.learned_budget:  # learned methods load their weights: resolved() checked those
+                    vtprune.apply(model, method).remove()
+            except (ValueError, TypeError) as error:
+                skipped[config.label] = str(error)
+                continue
+            except NotImplementedError:  # a meta-device skeleton cannot run this check; the run does
+                pass
+        todo.append(config)
+    return todo, skipped
 
 
 def run_bench(
@@ -158,34 +218,42 @@ def run_bench(
     progress: bool = True,
     resolution: str = "base",
     decode_tokens: int = 0,
+    stream: ResultStream | None = None,
 ) -> dict[str, Any]:
     """Run every (method, budget) and the unpruned model; returns the JSON-ready report. ``resolution``: the
     SynthVQA variant ``samples`` come from (for the chance rates). ``decode_tokens`` > 0 also measures KV memory and
-    throughput over that many generated tokens (``bench/decode.py``) on the speed batch."""
+    throughput over that many generated tokens (``bench/decode.py``) on the speed batch. ``stream``: where each
+    finished configuration goes, and the ones a previous run finished (taken as they are)."""
     prompt = prompt or prompt_builder(processor)
     model.eval()
-    batches = make_batches(processor, samples, batch_size, prompt)
-    speed_inputs = to_model(model, make_batches(processor, samples[:speed_samples], speed_samples, prompt)[0])
-    vision_cache = encode_batches(model, batches)
+    todo, skipped = plan(model, methods, budgets)
+    done = stream.done if stream is not None else {}
+    batches = speed_inputs = vision_cache = None
     results = []
-    learned, skipped = learned_configs(methods, adapter_for(model))
-    todo = configs([m for m in methods if not is_learned(m)], budgets) + learned
     bar = tqdm(todo, desc="vtprune bench", disable=not progress)
     for config in bar:
+        if config.label in done:
+            results.append(done[config.label])
+            continue
         bar.set_postfix_str(config.label)
+        if batches is None:  # not needed at all when a rerun finds every configuration done
+            batches = make_batches(processor, samples, batch_size, prompt)
+            speed_inputs = to_model(model, make_batches(processor, samples[:speed_samples], speed_samples, prompt)[0])
+            vision_cache = encode_batches(model, batches)
+        start = time.perf_counter()
         record = {"method": config.method or "unpruned", "budget": config.budget, "params": config.params}
         if config.method is not None:
             record["budget_convention"] = get_method(config.name).budget_convention
-            try:
-                record["resolved"] = get_method(config.name)(**config.params).resolved(adapter_for(model))
-            except ValueError as error:  # a budget this method cannot reach on this model (csp below its floor)
-                skipped[config.label] = str(error)
-                continue
+            record["resolved"] = get_method(config.name)(**config.params).resolved(adapter_for(model))
         record.update(evaluate(model, processor, samples, method=config.name, params=config.params,
                                scoring=scoring, prompt=prompt, batches=batches, vision_cache=vision_cache))
         record.update(measure_speed(model, config, speed_inputs, speed_repeats))
         if decode_tokens:
             record.update(measure_decode(model, speed_inputs, lambda: config.pruner(model), decode_tokens))
+        record["seconds"] = round(time.perf_counter() - start, 1)
+        record = json.loads(json.dumps(record))  # as a resumed record reads back, so both kinds compare alike
+        if stream is not None:
+            stream.add(config.label, record)
         results.append(record)
     base = results[0]
     for record in results:
@@ -208,32 +276,62 @@ def run_bench(
         "device": str(next(model.parameters()).device),
         "threads": torch.get_num_threads(),
         "flops_formula": "prefill LLM FLOPs, see vtprune/bench/flops.py (LLaMA 3-matrix MLP, 2 FLOPs per MAC)",
-        "latency": f"best of {speed_repeats} prefills of a batch of {speed_samples}, interleaved with unpruned "
-                   "(includes the ViT, which is computed afresh for every prefill)",
+        "latency": f"median over {speed_repeats} paired repetitions of the prefill of a batch of {speed_samples} "
+                   "over the unpruned one run next to it, with the range of those ratios (includes the ViT, which is "
+                   "computed afresh for every prefill)",
+        "latency_warning": latency_warning(base),
+        "memory": "kv_cache_mb: KV cache after prefill; peak_memory_mb: the CUDA allocator's peak of one prefill "
+                  "(null on CPU, where no allocator statistic exists and peak RSS misses reused memory)",
+        "legend": LEGEND,
         "results": results,
         "skipped": skipped,
     }
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """A fixed-width table of the report, one row per configuration."""
+def latency_warning(base: dict[str, Any]) -> str | None:
+    """A warning when the unpruned model, timed against itself, is off 1.00 by more than ``LATENCY_TOLERANCE``:
+    the run's latency ratios then differ by load, not by method."""
+    ratio = base["latency_ratio"]
+    if abs(ratio - 1) <= LATENCY_TOLERANCE:
+        return None
+    low, high = base.get("latency_ratio_spread") or (ratio, ratio)
+    noise = max(abs(ratio - 1), (high - low) / 2)
+    return (f"latency is noise in this run: the unpruned model timed against itself gives {ratio:.2f} (range "
+            f"{low:.2f}-{high:.2f}) instead of 1.00, so lat differences below about {noise:.2f} mean nothing; the "
+            "machine was busy: rerun on an idle one for latency")
+
+
+def format_table(report: dict[str, Any], legend: bool = True) -> str:
+    """A fixed-width table of the report, one row per configuration, then (``legend``) what each column means, the
+    chance accuracy and the latency warning if the run has one."""
     short = {"attribute": "attr", "existence": "exist", "counting": "count", "spatial": "spat",
              "localisation": "loc", "reading": "read"}
     head = (f"{'config':<16}{'acc':>6}{'±':>5}{'ret%':>6}{'±':>5} " + "".join(f"{short[f]:>6}" for f in report["families"])
-            + f"{'recall':>7}{'bot%':>6}{'tok/L0':>7}{'tok/avg':>8}{'FLOPs':>7}{'lat':>6}{'KV MB':>7}")
+            + f"{'recall':>7}{'bot%':>6}{'tok/L0':>7}{'tok/avg':>8}{'FLOPs':>7}{'lat':>6}{'lat±':>5}{'KV MB':>7}")
     lines = [head, "-" * len(head)]
     for r in report["results"]:
         label = "unpruned" if r["budget"] is None else f"{r['method']}@{budget_label(r['budget'])}"
         recall = r["grounded_recall"]
         bottom = r.get("kept_bottom_half")
+        spread = r.get("latency_ratio_spread")
         lines.append(
             f"{label:<16}{r['accuracy']*100:6.1f}{_half_width(r.get('accuracy_ci')):>5}"
             f"{(r['retention'] or 0)*100:6.1f}{_half_width(r.get('retention_ci')):>5} "
             + "".join(f"{r['per_family'].get(f, float('nan'))*100:6.1f}" for f in report["families"])
             + f"{(recall if recall is not None else float('nan'))*100:7.1f}"
             + f"{(bottom if bottom is not None else float('nan'))*100:6.0f}{r['llm_input_visual_tokens']:7.0f}"
-            + f"{r['mean_visual_tokens']:8.1f}{r['flops_ratio']:7.2f}{r['latency_ratio']:6.2f}{r['kv_cache_mb']:7.2f}"
+            + f"{r['mean_visual_tokens']:8.1f}{r['flops_ratio']:7.2f}{r['latency_ratio']:6.2f}"
+            + (f"{(spread[1] - spread[0]) / 2:5.2f}" if spread else f"{'':5}") + f"{r['kv_cache_mb']:7.2f}"
         )
+    if not legend:
+        return "\n".join(lines)
+    chance = chance_accuracy(report)
+    if chance is not None:
+        lines.append(f"{'chance':<16}{100 * chance:6.1f}   (a uniform guess among each question's choices)")
+    lines += ["", "columns:"] + [textwrap.fill(text, 118, initial_indent=f"  {name:<32}", subsequent_indent=" " * 34)
+                                 for name, text in report.get("legend", LEGEND).items()]
+    if report.get("latency_warning"):
+        lines += ["", f"warning: {report['latency_warning']}"]
     return "\n".join(lines)
 
 

@@ -250,7 +250,9 @@ class DualAttentionFilter(LayerOperator):
         rows = torch.sort((~text).long(), dim=1, stable=True).indices[:, :width]  # text rows first, in order
         used = torch.arange(width, device=rows.device)[None, :] < count[:, None]
         key_mask = (order[None, None, :] <= rows[..., None]) & ctx.valid[:, None, :]
-        probs = ctx.adapter.llm_attention(ctx.layer - 1, hidden, rope, rows, key_mask).mean(1) * used[..., None]
+        keys = ctx.adapter.cached_keys(ctx.kv_cache, ctx.layer - 1, hidden.shape[1])  # layer l's own, not re-projected
+        probs = ctx.adapter.llm_attention(ctx.layer - 1, hidden, rope, rows, key_mask, keys=keys).mean(1)
+        probs = probs * used[..., None]
         return probs.sum(1), probs.amax(1)
 
     def transform(self, ctx: LayerContext) -> Transition:

@@ -56,7 +56,10 @@ def attention_received(ctx: LayerContext, query: str = "last", *, layer: str = "
     key_mask = (order[None, :] <= rows[..., None]) & ctx.valid[:, None, :]
     if keys == "visual":
         key_mask &= ctx.visual[:, None, :]
-    probs = ctx.adapter.llm_attention(index, hidden, positions_rope if rope else None, rows, key_mask).mean(1)
+    # The previous layer's keys with its own RoPE are in the KV cache: read, not projected again over every token.
+    keys = ctx.adapter.cached_keys(ctx.kv_cache, index, hidden.shape[1]) if layer == "previous" and rope else None
+    probs = ctx.adapter.llm_attention(index, hidden, positions_rope if rope else None, rows, key_mask,
+                                      keys=keys).mean(1)
     if query == "last":
         score = probs[:, 0]
     elif query == "rows":

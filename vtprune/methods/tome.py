@@ -56,7 +56,9 @@ class _MergeBlocks(VisionOperator):
 
     def block_forward(self, adapter: Adapter, block: int, state: VisionState, hidden: torch.Tensor) -> torch.Tensor:
         bias = None
-        if self.proportional_attention and (state.size != 1).any():
+        # Sizes differ from 1 exactly once an earlier block merged (each records owner_after): a Python check, where
+        # testing the sizes would cost a host sync per block.
+        if self.proportional_attention and state.owner_after:
             # log(size) on every key: a token that stands for s patches gets the attention of s copies.
             bias = state.size.log().to(hidden.dtype)[:, None, None, :, 0]
 

@@ -167,10 +167,11 @@ class Adapter:
 
     # --- attention rows --------------------------------------------------------------------------------------
     def llm_attention(self, layer: int, layer_input: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                      query_rows: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+                      query_rows: torch.Tensor, key_mask: torch.Tensor, keys: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """Attention [B, H, q, n] of decoder ``layer`` for ``query_rows`` [B, q] over its own input tokens (``rope``
-        None: without rotary embeddings)."""
-        return decoder_attention_rows(self.decoder_layers[layer], layer_input, rope, query_rows, key_mask)
+        None: without rotary embeddings; ``keys``: the layer's own rotated keys of them, from ``cached_keys``)."""
+        return decoder_attention_rows(self.decoder_layers[layer], layer_input, rope, query_rows, key_mask, keys)
 
     def vision_attention(self, trace: VisionTrace, block: int, query_rows: torch.Tensor) -> torch.Tensor:
         """Attention [views, H, q, 1 + T] of vision ``block`` for ``query_rows`` [q] (0 = [CLS]) of one image."""
@@ -181,6 +182,17 @@ class Adapter:
         raise NotImplementedError(f"{self.family}: no merging inside the vision tower")
 
     # --- cache -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def cached_keys(cache: Any, layer: int, tokens: int) -> torch.Tensor | None:
+        """During a prefill: the rotated keys [B, H_kv, tokens, d] decoder ``layer`` stored for the ``tokens``
+        tokens that entered it (what its attention used), or None when the cache does not hold exactly those (no
+        cache, another cache type, or entries from before this prefill)."""
+        layers = getattr(cache, "layers", None)
+        if layers is None or layer >= len(layers) or type(layers[layer]).__name__ != "DynamicLayer":
+            return None
+        keys = getattr(layers[layer], "keys", None)
+        return keys if keys is not None and keys.dim() == 4 and keys.shape[2] == tokens else None
+
     @staticmethod
     def cache_layers(cache: Any) -> list[Any]:
         """The per-layer key/value stores of a ``DynamicCache`` (``.keys``/``.values`` [B, H, len, d])."""

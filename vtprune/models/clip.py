@@ -51,9 +51,16 @@ def block_step(
     ``between(hidden_after_attention, head_mean_keys)`` before the MLP (where ToMe-style merges happen)."""
     attention = layer.self_attn
     normed = layer.layer_norm1(hidden_states)
-    attended, _ = attention(hidden_states=normed, attention_mask=attention_bias)
+    # The keys are the ones the attention itself projects, kept by a hook on k_proj: projecting them again would
+    # cost a D x D matmul per block (~8% of CLIP-L's FLOPs).
+    projected: list[torch.Tensor] = []
+    handle = attention.k_proj.register_forward_hook(lambda module, args, output: projected.append(output))
+    try:
+        attended, _ = attention(hidden_states=normed, attention_mask=attention_bias)
+    finally:
+        handle.remove()
     hidden_states = hidden_states + attended
     views, n, _ = normed.shape
-    keys = attention.k_proj(normed).view(views, n, attention.num_heads, attention.head_dim).mean(dim=2)
+    keys = projected[0].view(views, n, attention.num_heads, attention.head_dim).mean(dim=2)
     hidden_states = between(hidden_states, keys)
     return hidden_states + layer.mlp(layer.layer_norm2(hidden_states))

@@ -60,29 +60,38 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def query_key(
     attention: nn.Module, normed: torch.Tensor, query_rows: torch.Tensor | None,
-    rope: tuple[torch.Tensor, torch.Tensor] | None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None, keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotated queries of ``query_rows`` [B, q] (None: no query) and keys of every token of ``normed`` [B, n, D],
     as ``attention`` computes them: ([B, H, q, d], [B, H_kv, n, d]). ``rope`` None: no rotation (criteria that
-    ignore positions, as FEATHER's)."""
+    ignore positions, as FEATHER's). ``keys``: the layer's own rotated keys of these tokens (its KV-cache entries),
+    returned as they are instead of being projected again."""
     head_dim = attention.head_dim
     if hasattr(attention, "qkv_proj"):  # Phi-3: one fused projection, queries first
         q_width = attention.config.num_attention_heads * head_dim
         k_width = attention.num_key_value_heads * head_dim
-        fused = attention.qkv_proj(normed)
-        query_all, key = fused[..., :q_width], fused[..., q_width:q_width + k_width]
-        query = None if query_rows is None else query_all.gather(1, query_rows[..., None].expand(-1, -1, q_width))
+        query = None
+        if keys is None:
+            fused = attention.qkv_proj(normed)
+            query_all, key = fused[..., :q_width], fused[..., q_width:q_width + k_width]
+            query = None if query_rows is None else query_all.gather(1, query_rows[..., None].expand(-1, -1, q_width))
+        elif query_rows is not None:
+            picked = normed.gather(1, query_rows[..., None].expand(-1, -1, normed.shape[-1]))
+            query = attention.qkv_proj(picked)[..., :q_width]
     else:
-        key = attention.k_proj(normed)
+        key = attention.k_proj(normed) if keys is None else None
         query = None
         if query_rows is not None:
             picked = normed.gather(1, query_rows[..., None].expand(-1, -1, normed.shape[-1]))
             query = attention.q_proj(picked)
-    key = _heads(key, head_dim)
-    if hasattr(attention, "k_norm"):  # Qwen3: RMS norm per head before RoPE
-        key = attention.k_norm(key.transpose(1, 2)).transpose(1, 2)
-    if rope is not None:
-        key = apply_rotary(key, *rope)
+    if keys is not None:
+        key = keys
+    else:
+        key = _heads(key, head_dim)
+        if hasattr(attention, "k_norm"):  # Qwen3: RMS norm per head before RoPE
+            key = attention.k_norm(key.transpose(1, 2)).transpose(1, 2)
+        if rope is not None:
+            key = apply_rotary(key, *rope)
     if query is not None:
         query = _heads(query, head_dim)
         if hasattr(attention, "q_norm"):
@@ -100,13 +109,14 @@ def decoder_attention_rows(
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     query_rows: torch.Tensor,
     key_mask: torch.Tensor,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention probabilities [B, H, q, n] (float32) of decoder ``layer`` for ``query_rows`` [B, q] over its own input
     tokens ``layer_input`` [B, n, D]; ``key_mask`` [B, q, n] says which keys each row sees; ``rope`` None: q and k
-    without their rotary embedding."""
+    without their rotary embedding; ``keys``: the layer's cached keys of these tokens (see ``query_key``)."""
     normed = layer.input_layernorm(layer_input)
     batch = normed.shape[0]
     if rope is not None:
         rope = tuple(x.expand(batch, -1, -1) for x in rope)
-    query, key = query_key(layer.self_attn, normed, query_rows, rope)
+    query, key = query_key(layer.self_attn, normed, query_rows, rope, keys)
     return attention_probs(query, key, layer.self_attn.scaling, key_mask)

@@ -297,7 +297,7 @@ class Pruner:
     @staticmethod
     def _bind(function, args: tuple, kwargs: dict) -> dict[str, Any]:
         try:
-            bound = inspect.signature(function).bind_partial(*args, **kwargs).arguments
+            bound = _signature(function).bind_partial(*args, **kwargs).arguments
         except TypeError:
             return dict(kwargs)
         extra = bound.pop("kwargs", {})
@@ -428,7 +428,7 @@ class Pruner:
         if prefill.rope is None:  # the language model's own RoPE for the LLM-input sequence
             prefill.rope = (prefill.tokens.version, kwargs["position_embeddings"])
         for op in self._ops_at.get(index, ()):
-            change = op.transform(self._layer_context(prefill, index))
+            change = op.transform(self._layer_context(prefill, index, kwargs.get("past_key_values")))
             apply_transition(prefill, change, self.separators, self.positions == "renumber")
         tokens, rope = prefill.tokens, self._rope(prefill)
         if index in self._needs_input:
@@ -451,7 +451,7 @@ class Pruner:
             prefill.rope = (tokens.version, self.adapter.rotary(tokens.hidden, tokens.positions))
         return prefill.rope[1]
 
-    def _layer_context(self, prefill: Prefill, index: int) -> LayerContext:
+    def _layer_context(self, prefill: Prefill, index: int, kv_cache: Any = None) -> LayerContext:
         universe, tokens = prefill.universe, prefill.tokens
         rope = self._rope(prefill)
         visual = tokens.lookup(universe.visual)
@@ -466,6 +466,7 @@ class Pruner:
             universe_tags=universe.tags,
             token_ids=None if universe.token_ids is None else tokens.lookup(universe.token_ids),
             previous_input=prefill.layer_inputs.get(index - 1), training=self._soft, weight=tokens.weight,
+            kv_cache=kv_cache,
         )
 
     # --- decoding ------------------------------------------------------------------------------------------------
@@ -522,6 +523,20 @@ class Pruner:
             kwargs["position_embeddings"] = track.rope
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = self.adapter.positions_out(track.positions)
+
+
+@functools.lru_cache(maxsize=64)
+def _method_signature(function: Any) -> inspect.Signature:
+    """A class's method's signature with ``self`` bound (what ``inspect.signature`` of the bound method gives)."""
+    return inspect.signature(functools.partial(function, None))
+
+
+def _signature(function: Any) -> inspect.Signature:
+    """The signature of a module's ``forward`` as its hooks bind it, cached per class method: it is read at every
+    forward, decode steps included (~70 us uncached). A function set on the instance is not cached (it may belong to
+    one object)."""
+    underlying = getattr(function, "__func__", None)
+    return inspect.signature(function) if underlying is None else _method_signature(underlying)
 
 
 def _encode_with(adapter, modality: Modality, args: tuple, kwargs: dict, state: VisionState | None,

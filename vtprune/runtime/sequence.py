@@ -67,13 +67,18 @@ def attention_mask(
             simple = bool(valid.all()) and (past == 0 or bool(past_valid.all()))
         if simple:
             return None
-    causal = torch.ones(q, q, dtype=torch.bool, device=valid.device).tril()
-    diagonal = torch.eye(q, dtype=torch.bool, device=valid.device)
-    current = causal[None] & valid[:, None, :]
-    current |= diagonal[None] & ~valid[:, :, None]
-    if past:
-        current = torch.cat([past_valid[:, None, :].expand(batch, q, -1), current], dim=-1)
-    mask = current[:, None]
+    if q == 1 and past and key_weight is None:
+        # A decode step's mask is one row: the cached keys' validity, then the new token itself (a padding query
+        # sees itself too). Built directly: the general path below costs ~10 more ops per distinct track and step.
+        mask = torch.cat([past_valid, torch.ones_like(valid)], dim=1)[:, None, None, :]
+    else:
+        causal = torch.ones(q, q, dtype=torch.bool, device=valid.device).tril()
+        diagonal = torch.eye(q, dtype=torch.bool, device=valid.device)
+        current = causal[None] & valid[:, None, :]
+        current |= diagonal[None] & ~valid[:, :, None]
+        if past:
+            current = torch.cat([past_valid[:, None, :].expand(batch, q, -1), current], dim=-1)
+        mask = current[:, None]
     if implementation == "sdpa" and key_weight is None:
         return mask
     floor = torch.finfo(dtype).min
