@@ -33,7 +33,8 @@ import torch
 
 from vtprune.methods.base import Method, get_method
 from vtprune.models import clip
-from vtprune.models.base import VisionTrace
+from vtprune.models.base import ImageRecord, VisionTrace
+from vtprune.models.layout import ImageLayout
 from vtprune.models.llava import LlavaAdapter, feature_block
 from vtprune.ops import Sources
 from vtprune.runtime.operators import ImageTokens, PreLLMContext, Reduction
@@ -129,9 +130,6 @@ def image_tokens(adapter: LlavaAdapter, projected: torch.Tensor, pixels: torch.T
                  trace: VisionTrace, number: int) -> ImageTokens:
     """One LLaVA-1.5 image as vtprune's pre-LLM stage sees it (``projected`` [576, D] in raster order), the same
     candidates the HF path builds (``vtprune.runtime.prefill``)."""
-    from vtprune.models.base import ImageRecord
-    from vtprune.models.layout import ImageLayout
-
     layout = adapter.layout("grid", lambda: ImageLayout.grids([adapter.grid]), projected.device)
     record = ImageRecord(layout, projected, pixels, trace)
     return ImageTokens(projected[layout.content], Sources.one_hot(layout.content), layout, record, 0, number)

@@ -52,12 +52,10 @@ def _keep(value: Any) -> int | None:
     return None if value == DEFAULT_KEEP else value
 
 
-class PrunedLlavaProcessingInfo(LlavaProcessingInfo):
-    """vLLM's LLaVA processing info; ``get_num_image_tokens`` stays the full view (profiling and encoder-cache
-    budgets use it as the upper bound), the prompt updates below reserve the pruned count."""
-
-
 class PrunedLlavaMultiModalProcessor(LlavaMultiModalProcessor):
+    """vLLM's LLaVA processor; the processing info's ``get_num_image_tokens`` stays the full view (profiling and
+    encoder-cache budgets use it as the upper bound), the prompt updates below reserve the pruned count."""
+
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         keep = hf_kwargs.get(KEEP_KWARG)
         out = super()._call_hf_processor(hf_data, {k: v for k, v in hf_kwargs.items() if k != KEEP_KWARG})
@@ -92,7 +90,7 @@ class PrunedLlavaMultiModalProcessor(LlavaMultiModalProcessor):
 def _info(ctx):
     if isinstance(ctx.get_hf_config(LlavaConfig).vision_config, PixtralVisionConfig):
         return PixtralHFProcessingInfo(ctx)
-    return PrunedLlavaProcessingInfo(ctx)
+    return LlavaProcessingInfo(ctx)
 
 
 def _processor(info, dummy_inputs, **kwargs):
