@@ -163,6 +163,31 @@ def test_default_methods_put_the_papers_baselines_first():
     assert sorted(methods) == sorted(REGISTRY)
 
 
+def test_rerun_resumes_from_the_streamed_results(run, checkpoint):
+    """A rerun into the same folder reuses every finished configuration (their records, latency included, come back
+    unchanged) and measures only the new one; other options are refused, naming --fresh."""
+    report, _, out = run
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["options"]["samples"] == SAMPLES
+    assert [json.loads(line)["label"] for line in lines[1:]] == [r["label"] for r in report["results"]]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        cli.main(["bench", "--task", "synthseg", "--model", str(checkpoint), "--methods", "fastv", "uniform",
+                  "random", "--budgets", "25%", "100%", "--samples", str(SAMPLES), "--batch-size", "2",
+                  "--out", str(out), "--no-plots"])
+    assert "resuming" in printed.getvalue()
+    again = _rows(json.loads((out / "bench.json").read_text()))
+    for label, record in _rows(report).items():
+        for key in ("giou", "ciou", "ious", "latency_ratio", "mean_visual_tokens"):
+            assert again[label][key] == record[key], (label, key)
+    assert {"random@25%", "random@100%"} <= set(again)
+    measured = [json.loads(line)["label"] for line in (out / "results.jsonl").read_text().splitlines()[1:]]
+    assert measured == [r["label"] for r in report["results"]] + ["random@25%", "random@100%"]
+    with pytest.raises(SystemExit, match="other options.*samples.*--fresh"):
+        cli.main(["bench", "--task", "synthseg", "--model", str(checkpoint), "--methods", "fastv", "--samples",
+                  str(SAMPLES + 1), "--out", str(out), "--no-plots"])
+
+
 def test_bad_inputs_fail_with_the_fix(checkpoint, tmp_path):
     plain = tmp_path / "plain-llava"
     LlavaForConditionalGeneration.from_pretrained(checkpoint).save_pretrained(plain)

@@ -114,7 +114,9 @@ def test_methods_shows_defaults_resolved_on_the_model():
     assert "layer=1," in fastv and "288 alive after the last layer" in fastv  # K = 2 of 32 -> 1 of 8; ratio 0.5
     tome = text[text.index("\ntome "):text.index("\nuniform ")]
     assert "=None" not in tome and "default ratio" not in text
-    assert "unset: r (" in tome and "visual tokens enter the LLM" in tome
+    # ToMe's own default (r=16 merges in each of the 5 blocks up to the feature block) and what it keeps agree
+    assert "r=16," in tome and "schedule=[16, 16, 16, 16, 16]" in tome and "unset: r" not in tome
+    assert "496 visual tokens enter the LLM" in tome
 
 
 def test_method_docs_are_generated_from_the_registry():
@@ -127,3 +129,5 @@ def test_method_docs_are_generated_from_the_registry():
     for name, cls in REGISTRY.items():
         assert f"\n## {name}\n" in text and cls.paper in text
     assert "``" not in text and "../shared" not in (ROOT / "README.md").read_text()
+    # the docs stand alone: nothing points to notes outside the repository
+    assert "card" not in text.replace("model card", "") and "shared/" not in text

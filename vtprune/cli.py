@@ -250,6 +250,7 @@ def _checked_plan(model: str | None, methods: list[str], budgets: list, named: b
 def _bench_seg(args: argparse.Namespace) -> None:
     """``vtprune bench --task synthseg``: see ``vtprune.bench.seg_runner``."""
     from vtprune.bench import synthseg as ss
+    from vtprune.bench.resume import OptionsDiffer, ResultStream
     from vtprune.bench.runner import save_report
     from vtprune.bench.seg_runner import DEFAULT_BUDGETS, default_methods, run_seg_bench
 
@@ -259,15 +260,29 @@ def _bench_seg(args: argparse.Namespace) -> None:
     if given:
         raise SystemExit(f"{', '.join(given)}: SynthVQA option(s), not used by --task synthseg; leave them out")
     budgets = args.budgets or (DEFAULT_BUDGETS[:1] if args.quick else DEFAULT_BUDGETS)
+    count = args.samples or (QUICK["samples"] // 4 if args.quick else SEG_DEFAULT_SAMPLES)
+    out = Path(args.out or ("runs/bench-seg-quick" if args.quick else "runs/bench-seg"))
+    options = {"task": "synthseg", "model": args.model or "mini-lisa", "samples": count, "dtype": args.dtype,
+               "device": args.device, "batch_size": args.batch_size, "matched_budgets": not args.nominal_budgets}
+    try:
+        stream = ResultStream(out, options, fresh=args.fresh)
+    except OptionsDiffer as error:
+        raise SystemExit(f"vtprune: error: {error}") from None
+    if stream.done:
+        print(f"resuming: configurations already measured in {stream.path} are reused (--fresh measures everything "
+              "again)")
     model, processor = _load_lisa(args.model, args.device, args.dtype)
-    samples = ss.load_split("test", args.samples or (QUICK["samples"] // 4 if args.quick else SEG_DEFAULT_SAMPLES))
+    samples = ss.load_split("test", count)
     start = time.perf_counter()
-    report, examples = run_seg_bench(model, processor, samples, args.methods or default_methods(), budgets,
-                                     batch_size=args.batch_size, match=not args.nominal_budgets)
+    try:
+        report, examples = run_seg_bench(model, processor, samples, args.methods or default_methods(), budgets,
+                                         batch_size=args.batch_size, match=not args.nominal_budgets, stream=stream)
+    except KeyboardInterrupt:
+        raise SystemExit(f"\ninterrupted: {len(stream.done)} configurations are saved in {stream.path}; run the same "
+                         "command again to resume") from None
     report["dtype"] = args.dtype
     report["model"] = "shipped mini-lisa (MiniLISA)" if args.model in (None, "mini-lisa") else args.model
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out or "runs/bench-seg")
     path = save_report(report, out)
     print(report["table"])
     print(f"\n{len(samples)} SynthSeg test prompts, {report['wall_seconds']} s; JSON: {path}")

@@ -26,11 +26,11 @@ class ResultStream:
         self.path = Path(folder) / FILENAME
         self.options = json.loads(json.dumps(options))  # as it reads back from disk
         self.done: dict[str, dict[str, Any]] = {}
-        if self.path.exists() and not fresh:
+        # a new file is started by the first finished configuration, so a run that fails before measuring anything
+        # (a model that does not load) leaves no file, and --fresh discards old results only once it has new ones
+        self._started = self.path.exists() and not fresh
+        if self._started:
             self._read()
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps({"options": self.options}) + "\n")
 
     def _read(self) -> None:
         text = self.path.read_text()
@@ -57,6 +57,10 @@ class ResultStream:
 
     def add(self, label: str, record: dict[str, Any]) -> None:
         """Append one finished configuration and push it to disk before the next one starts."""
+        if not self._started:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"options": self.options}) + "\n")
+            self._started = True
         with self.path.open("a") as stream:
             stream.write(json.dumps({"label": label, "record": record}) + "\n")
             stream.flush()

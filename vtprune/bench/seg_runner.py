@@ -31,6 +31,7 @@ from vtprune.bench import synthseg as ss
 from vtprune.bench.evaluate import to_model
 from vtprune.bench.flops import prefill_flops, text_config_dims
 from vtprune.bench.intervals import bootstrap_interval
+from vtprune.bench.resume import ResultStream
 from vtprune.bench.runner import Config, budget_label, configs, is_learned, learned_configs, measure_speed
 from vtprune.bench.segmentation import evaluate_segmentation
 from vtprune.methods import REGISTRY, get_method
@@ -255,6 +256,7 @@ def run_seg_bench(
     examples: int = 4,
     bootstrap: int = 1000,
     progress: bool = True,
+    stream: ResultStream | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, list]]]:
     """Run the unpruned model, then every (method, budget), on MiniLISA ``model`` (pruners go on ``model.vlm``) and
     SynthSeg ``samples``. ``budgets``: shares (floats) or counts (ints) of image tokens per decoder layer, averaged over
@@ -262,7 +264,9 @@ def run_seg_bench(
 
     Returns the JSON-ready report (``table``: its Markdown table) and the predicted masks and IoUs of the first
     ``examples`` samples ({label: {masks, ious}}, for ``plots.plot_masks``) of the unpruned model, the blind box and
-    each method's configuration with the fewest image tokens per layer."""
+    each method's configuration with the fewest image tokens per layer. ``stream``: where each configuration's record
+    is saved as it finishes; the configurations it already holds are reused (their example masks are predicted
+    again, on the ``examples`` prompts only)."""
     vlm = model.vlm
     model.eval()
     adapter = adapter_for(vlm)
@@ -290,12 +294,21 @@ def run_seg_bench(
     prepared = [(c, r) for c, r in prepared if c.method not in untouched]
 
     results, shown = [], {}
+    done = stream.done if stream is not None else {}
     bar = tqdm(prepared, desc="vtprune bench synthseg", disable=not progress)
     for config, record in bar:
         bar.set_postfix_str(config.label)
-        scores, masks = _evaluate(model, processor, samples, config, batch_size, base_counts, dims, bootstrap)
-        record.update(scores)
-        record.update(measure_speed(vlm, config, speed_inputs, speed_repeats))
+        if config.label in done:
+            record = done[config.label]
+            with config.pruner(vlm):
+                masks = evaluate_segmentation(model, processor, samples[:examples], batch_size,
+                                              return_masks=True)["masks"]
+        else:
+            scores, masks = _evaluate(model, processor, samples, config, batch_size, base_counts, dims, bootstrap)
+            record.update(scores)
+            record.update(measure_speed(vlm, config, speed_inputs, speed_repeats))
+            if stream is not None:
+                stream.add(config.label, record)
         results.append(record)
         shown[config.label] = {"masks": masks[:examples], "ious": record["ious"][:examples]}
 

@@ -16,7 +16,9 @@ from vtprune.ops import group_topk, reweight_keys, sparsest_grid_stride
 from vtprune.runtime.operators import LayerContext, LayerOperator, Transition
 
 PAPER_DEPTH = 32
-PAPER_LAYERS = (5, 15, 25)  # modules after layers 4, 14, 24 of 32 = before layers 5, 15, 25 ([GAP], see the card)
+# modules after layers 4, 14, 24 of 32 = before layers 5, 15, 25 ([GAP]: the paper's qualitative figure shows pruning
+# at layers 4 and 14; the third is a reimplementation's)
+PAPER_LAYERS = (5, 15, 25)
 DEFAULTS = {"temperature": 10.0, "score_norm": "max", "strides": (2, 3, 4, 6, 8, 12), "spatial_lambda": 3.0,
             "hidden": 32}
 FEATURES = 11
@@ -199,7 +201,7 @@ def shipped_atp() -> list[Path]:
 @register
 class ATP(Method):
     """ATP-LLaVA — Ye et al., "ATP-LLaVA: Adaptive Token Pruning for Large Vision Language Models", CVPR 2025,
-    arXiv 2412.00447 (no official code; see the card for what could not be verified).
+    arXiv 2412.00447. No official code exists; what the paper leaves open is marked [GAP] below, with our choice.
 
     Stage: ``layer`` (LLM prefill), at several boundaries. Before boundary layer l, a module reads layer l-1's
     attention (rows recomputed from its q/k; in training mode reweighted by the soft mask, so they equal what the
@@ -214,7 +216,7 @@ class ATP(Method):
     multiplied into the earlier stages' mask, applied as a key bias in every later layer (hard == soft > 0.5).
 
     Defaults: modules after layers 4, 14, 24 of 32 (boundaries 5, 15, 25, scaled to the depth; [GAP]), T = 10,
-    strides 2, 3, 4, 6, 8, 12, spatial_lambda 3, hidden 32; LLaVA-NeXT newline tokens always kept (card §10).
+    strides 2, 3, 4, 6, 8, 12, spatial_lambda 3, hidden 32; LLaVA-NeXT newline tokens always kept ([GAP]: the paper covers LLaVA-1.5 only).
     Budget: learned — ``keep``/``ratio`` are not inference settings; the budget is the layer-averaged target the
     weights were trained for (``vtprune train-atp --target``), stored with them. ``weights``: a folder written by
     ``train-atp``; None loads the shipped weights trained for the shipped MiniLLaVA, refused on other models;

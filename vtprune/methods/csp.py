@@ -33,9 +33,9 @@ from vtprune.runtime.operators import (
 )
 
 PAPER_DEPTH = 32
-ILLUSTRATIVE_CLUSTER_UNTIL = 12  # the card's illustrative L_c of 32 layers, not a value read from the paper
-ILLUSTRATIVE_PRUNE_FROM = 16  # the card's illustrative L_p of 32 layers, not a value read from the paper
-# Without a budget: a layer average of 11/32 of N, the card's illustrative 88 of 256 (L_c 12, L_p 16 of 32, N_c = K =
+ILLUSTRATIVE_CLUSTER_UNTIL = 12  # an illustrative L_c of 32 layers ([GAP]), not a value read from the paper
+ILLUSTRATIVE_PRUNE_FROM = 16  # an illustrative L_p of 32 layers ([GAP]), not a value read from the paper
+# Without a budget: a layer average of 11/32 of N, i.e. 88 of 256 (L_c 12, L_p 16 of 32, N_c = K =
 # N/4): a 65.6% token reduction, near the paper's 65% headline. Not a value read from the paper.
 DEFAULT_RATIO = 11 / 32
 CLUSTERINGS = ("uniform_1d", "uniform_2d", "random", "cls", "seg_first")
@@ -78,7 +78,7 @@ class Plan:
 
 def layer_average(visual_tokens: int, depth: int, cluster_until: int, prune_from: int, cluster_tokens: int,
                   prune_tokens: int) -> float:
-    """The card's avg = (L_c N_c + (L_p - L_c) N + (L - L_p) K) / L."""
+    """Image tokens per layer averaged over the depth: (L_c N_c + (L_p - L_c) N + (L - L_p) K) / L."""
     return (cluster_until * cluster_tokens + (prune_from - cluster_until) * visual_tokens
             + (depth - prune_from) * prune_tokens) / depth
 
@@ -98,9 +98,9 @@ def _round(value: float) -> int:
 @register
 class CSP(Method):
     """LVLM_CSP — Chen et al., "LVLM_CSP: Accelerating Large Vision Language Models via Clustering, Scattering, and
-    Pruning for Reasoning Segmentation", arXiv 2504.10854. No public code exists; this follows the method card
-    (``shared/methods/csp.md``), which could read only the abstract and reviews: the layer settings, the counts and
-    the scatter mechanism are unknown ([GAP]); the choices made for them are listed at the end.
+    Pruning for Reasoning Segmentation", arXiv 2504.10854. No public code exists, and only the paper's abstract and
+    its public reviews could be read: the layer settings, the counts and the scatter mechanism are unknown ([GAP]);
+    the choices made for them are listed at the end.
 
     Stages: ``pre_llm`` (the clustering decision only: every image token enters the LLM, tagged with its cluster)
     and ``layer`` (LLM prefill, three depth stages):
@@ -126,13 +126,13 @@ class CSP(Method):
        the row sees; all N tokens are present there), kept in sequence order. ``prune_query``: ``seg_token`` (the row
        of the [SEG] token, id from ``seg_token_id`` or ``model.config.seg_token_id``; the paper's criterion, which
        needs the [SEG] token in the prompt, i.e. LISA's teacher-forced evaluation; several [SEG] rows are averaged,
-       [GAP]), ``last`` (the last prompt token: the card's *last-token adaptation* for VQA, not the paper's method;
+       [GAP]), ``last`` (the last prompt token: our *last-token adaptation* for VQA, not the paper's method;
        ``label()`` and ``resolved()`` say so) or ``auto`` (default: ``seg_token`` when an id is known, else ``last``).
 
     Defaults ([GAP]: the paper's layers and counts could not be read): ``cluster_until`` 12 and ``prune_from`` 16 of
-    32 layers — the card's illustrative setting, not the paper's — scaled to the depth (``max(1, round(b * L / 32))``,
+    32 layers — an illustrative setting, not the paper's — scaled to the depth (``max(1, round(b * L / 32))``,
     ``prune_from`` at least ``cluster_until + 1``; when only one is given the other's default adapts to it); without
-    a budget or counts, ``ratio`` 11/32 (the card's illustrative 88 of 256 tokens with N_c = K = N/4 at 12/16 of 32,
+    a budget or counts, ``ratio`` 11/32 (88 of 256 tokens with N_c = K = N/4 at 12/16 of 32,
     i.e. N_c = K = N/4 on 32 layers and about 65.6% fewer image tokens per layer at any depth, near the paper's 65%
     headline; solved like a given ratio, clamped to 1..N instead of refused). Positions: always the original ones (no
     renumbering; ``positions='renumber'`` is refused), 3-D M-RoPE ids on Qwen2-VL. LLaVA-NeXT newline tokens:
@@ -147,9 +147,9 @@ class CSP(Method):
     elsewhere at the forward of the image that cannot reach it. The scattering layers alone hold all N tokens, so
     small averages need a short scattering stage (one layer of 6 already averages N / 6). ``plan(N, L)`` and
     ``resolved()`` give the plan; ``pruner.stats.mean_visual_tokens`` the measured average and
-    ``pruner.stats.visual_flops`` the image-token FLOPs (the card's two reduction measures).
+    ``pruner.stats.visual_flops`` the image-token FLOPs (the two reduction measures the paper reports).
 
-    Choices where the paper is not known ([GAP] in the card): the boundaries and the default budget above; N_c = K
+    Choices where the paper is not known ([GAP]): the boundaries and the default budget above; N_c = K
     when a budget is solved; ``uniform_1d`` and ``raw`` as defaults; the membership rules (stride cluster, nearest
     lattice point, nearest representative by cosine of the projector output); the [CLS] block; per-view clustering
     with N_c shared among views, K per image over all its views; the criterion read in layer ``prune_from - 1``

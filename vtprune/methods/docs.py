@@ -32,6 +32,8 @@ Conventions shared by every method:
   `'drop'` (see the parameter table below).
 - **Support.** A method that needs a vision-tower [CLS] token (`cls`) or merging inside the vision tower
   (`vision_merge`) is refused, with the list of methods that do run, on a model without it.
+- **[GAP].** Marks a detail the paper (and its code, where there is any) leaves open; the docstring says what
+  vtprune chose, and the choice is a parameter.
 """
 
 

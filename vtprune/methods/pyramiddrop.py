@@ -41,7 +41,7 @@ def stage_counts(visual_tokens: int, lam: float, stages: int) -> tuple[int, ...]
 
 
 def layer_average(visual_tokens: int, boundaries: tuple[int, ...], counts: tuple[int, ...], depth: int) -> float:
-    """(1/L) * sum over layers of the image tokens entering each layer (the card's T-bar)."""
+    """(1/L) * sum over layers of the image tokens entering each layer (the paper's T-bar)."""
     edges = (*boundaries, depth)
     total = boundaries[0] * visual_tokens + sum((edges[s + 1] - edges[s]) * counts[s] for s in range(len(counts)))
     return total / depth
@@ -94,7 +94,7 @@ class PyramidDrop(Method):
     (layers before the first boundary count with all N0), ``ratio`` = that average as a share of N0. Given one,
     ``lam`` is solved on a 1e-4 grid so that the average is as close as the integer counts allow. The paper does not
     publish the (boundaries, lam) behind its 192/128/64 rows ([GAP]); ours, when ``layers`` is not given: the first
-    of the paper's boundaries, the card's 2, 6, 12, 18, 24 and 0, 6, 12, 18, 24 that reaches the budget with lam >=
+    of the paper's boundaries, then 2, 6, 12, 18, 24 and 0, 6, 12, 18, 24 that reaches the budget with lam >=
     0.25 (the smallest lambda of the paper's own schedules; the paper's boundaries can reach about 8/32 of N0 only
     by keeping almost nothing after the first cut), else the one reaching it with the largest lam. The last list
     cuts before layer 0, scored by layer 0's own q/k on the input embeddings, which the paper
@@ -136,7 +136,7 @@ class PyramidDrop(Method):
         reached = []
         for boundaries in candidates:
             plan = solve_schedule(visual_tokens, depth, boundaries, float(target))
-            if abs(plan.mean_tokens - target) <= min(2.0, max(0.5, 0.05 * target)):  # the card's +-2, tighter when small
+            if abs(plan.mean_tokens - target) <= min(2.0, max(0.5, 0.05 * target)):  # within 2 tokens, tighter when small
                 if plan.lam >= MIN_LAMBDA or len(candidates) == 1:
                     return plan
                 reached.append(plan)

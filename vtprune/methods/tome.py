@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -126,6 +127,15 @@ class ToMe(Method):
             raise ValueError("tome: give either r= (merges per block) or a budget (keep= / ratio=), not both")
 
     def operators(self, adapter: Adapter) -> list:
+        schedule = self.resolved(adapter)["schedule"]
+        operators: list = [_Order(self.order)]
+        if any(schedule):
+            operators.insert(0, _MergeBlocks(schedule, self.proportional_attention))
+        return operators
+
+    def resolved(self, adapter: Adapter) -> dict[str, Any]:
+        """``r`` (None when a budget sets the schedule) and ``schedule``, the merges in each ViT block up to the
+        feature block on ``adapter``'s tower."""
         n = adapter.view_tokens
         blocks = adapter.default_feature_block + 1
         if self.keep is None and self.ratio is None:
@@ -134,17 +144,13 @@ class ToMe(Method):
             for _ in range(blocks):
                 schedule.append(min(r, _capacity(tokens)))
                 tokens -= schedule[-1]
-        else:
-            self.check_budget(adapter, per="view")
-            removed = n - self.budget(n)
-            most = max_mergeable(n + 1, blocks)
-            if removed > most:
-                raise ValueError(
-                    f"tome: keep={n - removed} cannot be reached by merging in the {blocks} ViT blocks before the "
-                    f"feature layer; use keep >= {n - most}"
-                )
-            schedule = merge_schedule(n + 1, blocks, removed)
-        operators: list = [_Order(self.order)]
-        if any(schedule):
-            operators.insert(0, _MergeBlocks(schedule, self.proportional_attention))
-        return operators
+            return {"r": r, "schedule": schedule}
+        self.check_budget(adapter, per="view")
+        removed = n - self.budget(n)
+        most = max_mergeable(n + 1, blocks)
+        if removed > most:
+            raise ValueError(
+                f"tome: keep={n - removed} cannot be reached by merging in the {blocks} ViT blocks before the "
+                f"feature layer; use keep >= {n - most}"
+            )
+        return {"r": None, "schedule": merge_schedule(n + 1, blocks, removed)}

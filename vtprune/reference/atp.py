@@ -1,7 +1,7 @@
 """``vtprune train-atp``: train ATP threshold modules on a VLM (by default the shipped MiniLLaVA) with the
 budget-constrained loss, base model frozen unless asked otherwise.
 
-Loss per batch (the card's §7, our [A] choices where the paper could not be read): cross-entropy of the answer's
+Loss per batch (the paper's budget-constrained loss; our choices where the paper could not be read): cross-entropy of the answer's
 first token after the prompt, plus ``budget_weight * |N_soft - target| / N`` (N_soft: the soft, layer-averaged visual
 tokens per image over all decoder layers; N: the image's visual tokens), plus ``compute_weight * N_soft / N`` (fewer
 tokens at equal accuracy). Training runs the pruner in training mode (soft masks, every token present); validation
