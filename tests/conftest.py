@@ -11,6 +11,11 @@ GRID = 6  # 84 px / patch 14
 N_VISUAL = GRID * GRID
 
 
+def pytest_addoption(parser):
+    parser.addoption("--hf-reference", default=None,
+                     help="tests/test_vllm.py: vtprune's HF-path outputs, made by tests/vllm_reference.py")
+
+
 def tiny_llava(attn: str = "sdpa", layers: int = 4, kv_heads: int = 2, seed: int = 0) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(

@@ -6,27 +6,53 @@ file says which assumption moved, before any pruning test fails in a harder-to-r
 from __future__ import annotations
 
 import inspect
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 from transformers.generation.utils import GenerationMixin, _slice_mm_encoder_output
 from transformers.models.llava_next import modeling_llava_next
 
-from vtprune.models import EncodedImages, adapter_for
+import vtprune
+from vtprune.models import TESTED_TRANSFORMERS, EncodedImages, adapter_for
 from vtprune.models.text import SUPPORTED_DECODER_LAYERS
 from families import FAMILIES, Family, picture
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _parameters(function) -> list[str]:
     return list(inspect.signature(function).parameters)
 
 
-def test_version_is_in_the_pinned_range():
+def test_version_is_the_tested_release():
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    assert (major, minor) == (5, 23), "update the pin in pyproject.toml after running this suite on the new version"
+    assert (major, minor) == TESTED_TRANSFORMERS, \
+        "update TESTED_TRANSFORMERS and the pin in pyproject.toml after running this suite on the new version"
+    pin = re.search(r'"transformers>=([\d.]+),<([\d.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin, "pyproject.toml must bound transformers"
+    tested = ".".join(map(str, TESTED_TRANSFORMERS))
+    assert Version(pin[1]) <= Version(tested) < Version(pin[2]) and pin[2] == f"{major}.{minor + 1}"
+
+
+@pytest.mark.parametrize("version", ["5.19.0", "5.22.2", "5.24.0", "6.0.0"])
+def test_other_releases_are_refused_at_apply_leaving_the_model_untouched(monkeypatch, version):
+    """The package installs beside older transformers (vLLM's environment); the HF runtime refuses them."""
+    model = Family("llava").model()
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    monkeypatch.setattr(transformers, "__version__", version)
+    with pytest.raises(RuntimeError, match=rf"tested on transformers 5\.23\.x.*has {re.escape(version)}.*"
+                                           r"pip install 'transformers>=5\.23,<5\.24'"):
+        vtprune.apply(model, "fastv", keep=8)
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
+    assert not any("forward" in vars(m) for m in model.modules())
+    monkeypatch.setattr(transformers, "__version__", "5.23.1")
+    vtprune.apply(model, "fastv", keep=8).remove()
 
 
 ENCODERS = {

@@ -144,9 +144,13 @@ def _kv_bytes(cache: Any) -> int:
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
+DECODE_WARMUP = 2  # untimed steps first: the first steps at a new batch shape pay allocator and kernel warm-up
+
+
 @torch.no_grad()
 def _decode_rate(model: nn.Module, inputs: dict[str, torch.Tensor], case: Case, batch: int, steps: int) -> float:
-    """Tokens/s of ``steps`` greedy decode steps at ``batch`` (the batch-1 prefill cache repeated)."""
+    """Tokens/s of ``steps`` greedy decode steps at ``batch`` (the batch-1 prefill cache repeated), timed after
+    ``DECODE_WARMUP`` untimed ones."""
     device = next(model.parameters()).device
     with installed(model, case):
         out = _prefill(model, inputs)
@@ -156,9 +160,10 @@ def _decode_rate(model: nn.Module, inputs: dict[str, torch.Tensor], case: Case, 
         if batch > 1:
             cache.batch_repeat_interleave(batch)
             token, mask = token.repeat_interleave(batch, 0), mask.repeat_interleave(batch, 0)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
+        for step in range(DECODE_WARMUP + steps):
+            if step == DECODE_WARMUP:
+                sync(device)
+                start = time.perf_counter()
             mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
             out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)

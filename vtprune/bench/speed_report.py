@@ -22,7 +22,8 @@ def header(report: dict[str, Any]) -> str:
                  f"{m.get('load_average_end', [float('nan')])[0]:.1f}")
     lines.append(f"medians of {s['repeats']} rounds (TTFT and vtprune's own time: {min(s['repeats'], 3)}; IQR in "
                  f"brackets) after {s['warmup']} warm-up; each round runs the case and the unpruned model back to "
-                 f"back; decode: {s['decode_tokens']} greedy steps at batch 1 and 8 (the batch-1 cache repeated)")
+                 f"back; decode: {s['decode_tokens']} greedy steps at batch 1 and 8 (the batch-1 cache repeated), timed "
+                 "after 2 untimed ones")
     if s.get("reuse_vision"):
         lines.append("--reuse-vision: the image was encoded once; cases whose method leaves the vision tower alone "
                      "ran from its features, with the tower's time (measured once) added to their prefill and TTFT")

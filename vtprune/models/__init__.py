@@ -11,6 +11,25 @@ from vtprune.models.llava_next import LlavaNextAdapter
 from vtprune.models.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+# The transformers release (major, minor) the adapters and the runtime are tested on: they rely on its internals
+# (tests/test_transformers_canary.py lists them). The package installs with older releases too, for vLLM's
+# environment, where only method code runs (vtprune.integrations.vllm); the HF runtime checks at apply().
+TESTED_TRANSFORMERS = (5, 23)
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Raise, naming the fix, unless ``version`` (default: the installed transformers) is the tested release."""
+    import transformers
+
+    version = version or transformers.__version__
+    if tuple(int(part) for part in version.split(".")[:2]) != TESTED_TRANSFORMERS:
+        tested = ".".join(map(str, TESTED_TRANSFORMERS))
+        raise RuntimeError(
+            f"vtprune's HF runtime is tested on transformers {tested}.x and relies on its internals; this "
+            f"environment has {version}. Install it with: pip install 'transformers>={tested},<"
+            f"{TESTED_TRANSFORMERS[0]}.{TESTED_TRANSFORMERS[1] + 1}' (in vLLM's environment, which keeps vLLM's "
+            "transformers, use the vLLM plug-in: vtprune.integrations.vllm)"
+        )
 
 
 def adapter_for(model: nn.Module) -> Adapter:
@@ -28,4 +47,5 @@ def adapter_for(model: nn.Module) -> Adapter:
 __all__ = [
     "ADAPTERS", "CAPABILITIES", "Adapter", "EncodedImages", "ImageLayout", "ImageRecord", "LlavaAdapter",
     "LlavaNextAdapter", "Modality", "Qwen2VLAdapter", "Qwen2_5_VLAdapter", "TokenKind", "VisionTrace", "adapter_for",
+    "check_transformers",
 ]

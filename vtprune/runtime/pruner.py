@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtprune.models import adapter_for
+from vtprune.models import adapter_for, check_transformers
 from vtprune.models.base import EncodedImages, Modality
 from vtprune.runtime.decode import CacheState, Track, adopt, release, state_of
 from vtprune.runtime.operators import (
@@ -95,6 +95,7 @@ class Pruner:
     """
 
     def __init__(self, model: nn.Module, method: Any) -> None:
+        check_transformers()
         self.adapter = adapter_for(model)
         target = self.adapter.multimodal_model
         existing = _ACTIVE.get(target)
