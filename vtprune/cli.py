@@ -148,6 +148,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def _result_stream(out: Path, options: dict, fresh: bool):
+    """The bench's ``ResultStream`` in ``out``; results of a run with other options end the command, naming the fix."""
+    from vtprune.bench.resume import OptionsDiffer, ResultStream
+
+    try:
+        return ResultStream(out, options, fresh=fresh)
+    except OptionsDiffer as error:
+        raise SystemExit(f"vtprune: error: {error}") from None
+
+
+def _interrupted(stream) -> SystemExit:
+    return SystemExit(f"\ninterrupted: {len(stream.done)} configurations are saved in {stream.path}; run the same "
+                      "command again to resume")
+
+
 def _bench(args: argparse.Namespace) -> None:
     _bench_packages(plots=not args.no_plots)
     if args.task == "synthseg":
@@ -159,7 +174,6 @@ def _bench(args: argparse.Namespace) -> None:
     if args.model == "mini-lisa":
         raise SystemExit("mini-lisa is a segmentation model (SynthSeg, gIoU): use `vtprune bench --task synthseg`")
     from vtprune.bench import synthvqa as sv
-    from vtprune.bench.resume import OptionsDiffer, ResultStream
     from vtprune.bench.runner import DEFAULT_BUDGETS, format_decode_table, format_table, run_bench, save_report
     from vtprune.methods import REGISTRY
 
@@ -173,10 +187,7 @@ def _bench(args: argparse.Namespace) -> None:
     options = {"task": "synthvqa", "model": args.model or "mini-llava", "samples": count, "scoring": args.scoring,
                "resolution": args.resolution, "dtype": args.dtype, "device": args.device,
                "batch_size": args.batch_size, "decode_tokens": args.decode_tokens, "speed_repeats": repeats}
-    try:
-        stream = ResultStream(out, options, fresh=args.fresh)
-    except OptionsDiffer as error:
-        raise SystemExit(f"vtprune: error: {error}") from None
+    stream = _result_stream(out, options, args.fresh)
     reused = sum(config.label in stream.done for config in todo)
     if reused:
         print(f"resuming: {reused} of {len(todo)} configurations are already measured in {stream.path} and are "
@@ -193,8 +204,7 @@ def _bench(args: argparse.Namespace) -> None:
                            scoring=args.scoring, resolution=resolution, decode_tokens=args.decode_tokens,
                            speed_repeats=repeats, stream=stream)
     except KeyboardInterrupt:
-        raise SystemExit(f"\ninterrupted: {len(stream.done)} configurations are saved in {stream.path}; run the same "
-                         "command again to resume") from None
+        raise _interrupted(stream) from None
     report["dtype"] = args.dtype
     report["resolution"] = resolution
     report["model"] = (f"shipped {args.model or 'mini-llava'} (MiniLLaVA{'-NeXT' if args.model == 'mini-llava-next' else ''})"
@@ -250,7 +260,6 @@ def _checked_plan(model: str | None, methods: list[str], budgets: list, named: b
 def _bench_seg(args: argparse.Namespace) -> None:
     """``vtprune bench --task synthseg``: see ``vtprune.bench.seg_runner``."""
     from vtprune.bench import synthseg as ss
-    from vtprune.bench.resume import OptionsDiffer, ResultStream
     from vtprune.bench.runner import save_report
     from vtprune.bench.seg_runner import DEFAULT_BUDGETS, default_methods, run_seg_bench
 
@@ -264,10 +273,7 @@ def _bench_seg(args: argparse.Namespace) -> None:
     out = Path(args.out or ("runs/bench-seg-quick" if args.quick else "runs/bench-seg"))
     options = {"task": "synthseg", "model": args.model or "mini-lisa", "samples": count, "dtype": args.dtype,
                "device": args.device, "batch_size": args.batch_size, "matched_budgets": not args.nominal_budgets}
-    try:
-        stream = ResultStream(out, options, fresh=args.fresh)
-    except OptionsDiffer as error:
-        raise SystemExit(f"vtprune: error: {error}") from None
+    stream = _result_stream(out, options, args.fresh)
     if stream.done:
         print(f"resuming: configurations already measured in {stream.path} are reused (--fresh measures everything "
               "again)")
@@ -278,8 +284,7 @@ def _bench_seg(args: argparse.Namespace) -> None:
         report, examples = run_seg_bench(model, processor, samples, args.methods or default_methods(), budgets,
                                          batch_size=args.batch_size, match=not args.nominal_budgets, stream=stream)
     except KeyboardInterrupt:
-        raise SystemExit(f"\ninterrupted: {len(stream.done)} configurations are saved in {stream.path}; run the same "
-                         "command again to resume") from None
+        raise _interrupted(stream) from None
     report["dtype"] = args.dtype
     report["model"] = "shipped mini-lisa (MiniLISA)" if args.model in (None, "mini-lisa") else args.model
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
